@@ -1,0 +1,3 @@
+from sbpatch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,289 @@
+"""The integration table, enable/disable/status, and the post-import hooks that patch a library when it is imported.
+
+The registry knows each library only by the name of its contrib module (``INTEGRATIONS``); a contrib module is
+imported when the library is enabled or its status is asked for, and it never imports its library.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import sys
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import wrapt
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from sbpatch.errors import ConfigError, DidNotEnable, SbpatchWarning
+from sbpatch.patching import AppliedTarget, Counters, Integration
+
+log = logging.getLogger("sbpatch")
+
+# sbpatch name -> contrib module. A new library is one file in sbpatch/contrib/ plus one line here.
+INTEGRATIONS: dict[str, str] = {
+    "torchattacks": "sbpatch.contrib.torchattacks",
+    "art": "sbpatch.contrib.art",
+    "foolbox": "sbpatch.contrib.foolbox",
+    "advertorch": "sbpatch.contrib.advertorch",
+    "deeprobust": "sbpatch.contrib.deeprobust",
+    "cleverhans": "sbpatch.contrib.cleverhans",
+}
+
+
+def available() -> list[str]:
+    """The library names sbpatch knows, whose contrib module exists in this installation."""
+    return [name for name, mod in INTEGRATIONS.items() if importlib.util.find_spec(mod) is not None]
+
+
+@dataclass
+class LibraryStatus:
+    """What sbpatch did to one library."""
+
+    name: str
+    installed: bool = False
+    version: str | None = None
+    supported: str = ""
+    enabled: bool = False
+    patched: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)
+    shims: list[str] = field(default_factory=list)
+    calls: int = 0
+    unlocated: int = 0
+    passed: int = 0
+    note: str = ""
+
+
+class StatusReport(dict):
+    """``status()``'s result: a dict name -> LibraryStatus that prints as a table."""
+
+    def __str__(self) -> str:
+        from sbpatch import freeze
+
+        headers = ("library", "installed", "supported", "enabled", "patched", "skipped", "calls", "unlocated")
+        rows = []
+        for s in self.values():
+            rows.append(
+                (
+                    s.name,
+                    s.version or "no",
+                    s.supported,
+                    "yes" if s.enabled else "no",
+                    str(len(s.patched)),
+                    str(len(s.skipped)),
+                    str(s.calls),
+                    str(s.unlocated),
+                )
+            )
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        for s in self.values():
+            for target, reason in s.skipped.items():
+                lines.append(f"skipped {target}: {reason}")
+            if s.note:
+                lines.append(f"{s.name}: {s.note}")
+        rules = "; ".join(f"{k}: {', '.join(v)}" for k, v in freeze.keep_rules().items())
+        lines.append(f"kept live (kernel-preserving rules): {rules}")
+        return "\n".join(lines)
+
+
+class _State:
+    def __init__(self, integration: Integration) -> None:
+        self.integration = integration
+        self.counters = Counters()
+        self.applied: dict[str, AppliedTarget] = {}
+        self.skipped: dict[str, str] = {}
+        self.shims: list[str] = []
+        self.note = ""
+
+
+_lock = threading.RLock()
+_states: dict[str, _State] = {}
+_hooked: set[str] = set()  # module names with a post-import hook registered (hooks cannot be unregistered)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, SbpatchWarning, stacklevel=3)
+
+
+def _state(name: str) -> _State:
+    state = _states.get(name)
+    if state is None:
+        module = importlib.import_module(INTEGRATIONS[name])
+        state = _states[name] = _State(module.INTEGRATION)
+    return state
+
+
+def check_names(names: tuple[str, ...] | list[str]) -> list[str]:
+    """Validate library names; raises ConfigError naming the valid choices."""
+    valid = list(INTEGRATIONS)
+    bad = [n for n in names if n not in INTEGRATIONS]
+    if bad:
+        raise ConfigError(f"unknown library {', '.join(map(repr, bad))}; valid names: {', '.join(valid)}")
+    return list(dict.fromkeys(names))
+
+
+def installed_version(integration: Integration) -> str | None:
+    try:
+        return importlib.metadata.version(integration.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _why_not(integration: Integration) -> str | None:
+    version = installed_version(integration)
+    if version is None:
+        return f"{integration.distribution} is not installed"
+    try:
+        ok = Version(version) in SpecifierSet(integration.supported)
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        return (
+            f"{integration.distribution} {version} is outside the supported range {integration.supported}; "
+            "it is left unpatched"
+        )
+    return None
+
+
+def enable(*libraries: str) -> None:
+    """Patch the named attack libraries (all supported ones if none is named), now or when they are imported.
+
+    Idempotent. An unknown name raises :class:`ConfigError`. A named library that is missing or of an unsupported
+    version raises :class:`DidNotEnable`; with no names, an unsupported version is warned once and recorded in
+    :func:`status`, and a library that is not installed is simply recorded there.
+    """
+    explicit = bool(libraries)
+    names = check_names(libraries) if explicit else list(INTEGRATIONS)
+    with _lock:
+        problems = {}
+        for name in names:
+            reason = _why_not(_state(name).integration)
+            if reason is not None:
+                problems[name] = reason
+        if explicit and problems:
+            raise DidNotEnable("; ".join(problems.values()))
+        for name in names:
+            state = _state(name)
+            if name in problems:
+                state.note = problems[name]
+                if "not installed" not in problems[name]:
+                    _warn_once(f"version:{name}", f"sbpatch: {problems[name]}")
+                else:
+                    log.debug("sbpatch: %s", problems[name])
+                continue
+            _enable_one(state)
+
+
+def _enable_one(state: _State) -> None:
+    if state.counters.enabled:
+        return
+    integ = state.integration
+    state.counters.enabled = True
+    state.note = ""
+    if integ.shims:
+        from sbpatch import compat
+
+        for shim in integ.shims:
+            try:
+                if compat.apply(shim):
+                    state.shims.append(shim)
+            except Exception as exc:  # a shim must never break the program
+                state.skipped[f"shim {shim}"] = f"{type(exc).__name__}: {exc}"
+    for target in integ.targets:
+        if target.module in sys.modules:
+            _apply(state, target.name)
+        elif target.module not in _hooked:
+            _hooked.add(target.module)
+            wrapt.register_post_import_hook(_make_hook(target.module), target.module)
+
+
+def _make_hook(module_name: str) -> Any:
+    def on_import(module: Any) -> None:
+        try:
+            with _lock:
+                for state in list(_states.values()):
+                    if not state.counters.enabled:
+                        continue
+                    for target in state.integration.targets:
+                        if target.module == module_name:
+                            _apply(state, target.name)
+        except Exception as exc:  # an import hook never raises into the user's import
+            _warn_once(f"hook:{module_name}", f"sbpatch: internal error patching {module_name}: {exc!r}")
+
+    return on_import
+
+
+def _apply(state: _State, target_name: str) -> None:
+    if target_name in state.applied:
+        return
+    target = next(t for t in state.integration.targets if t.name == target_name)
+    applied = AppliedTarget(target, state.counters)
+    try:
+        applied.apply()
+    except Exception as exc:
+        applied.undo()
+        reason = f"{type(exc).__name__}: {exc}"
+        state.skipped[target_name] = reason
+        _warn_once(f"skip:{target_name}", f"sbpatch: skipping {target_name} ({reason})")
+        return
+    state.skipped.pop(target_name, None)
+    state.applied[target_name] = applied
+
+
+def disable(*libraries: str) -> None:
+    """Undo :func:`enable` for the named libraries (all if none): every patched attribute is the original again."""
+    names = check_names(libraries) if libraries else list(INTEGRATIONS)
+    with _lock:
+        for name in names:
+            state = _states.get(name)
+            if state is None:
+                continue
+            state.counters.enabled = False
+            while state.applied:
+                _, applied = state.applied.popitem()
+                applied.undo()
+            state.skipped.clear()
+
+
+def status() -> StatusReport:
+    """One :class:`LibraryStatus` per supported library."""
+    report = StatusReport()
+    with _lock:
+        for name in INTEGRATIONS:
+            state = _state(name)
+            integ = state.integration
+            version = installed_version(integ)
+            patched = [n for a in state.applied.values() for n in a.names()]
+            report[name] = LibraryStatus(
+                name=name,
+                installed=version is not None,
+                version=version,
+                supported=integ.supported,
+                enabled=state.counters.enabled,
+                patched=patched,
+                skipped=dict(state.skipped),
+                excluded=dict(integ.excluded),
+                shims=list(state.shims),
+                calls=state.counters.calls,
+                unlocated=state.counters.unlocated,
+                passed=state.counters.passed,
+                note=state.note,
+            )
+    return report
+
+
+def counters(name: str) -> Counters:
+    """The live counters of one library (tests and the benchmark read them)."""
+    return _state(name).counters

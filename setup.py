@@ -1,0 +1,23 @@
+"""Installs sbpatch.pth next to the package so that ``SBPATCH=all python script.py`` enables sbpatch at start-up.
+
+The .pth line costs a dictionary lookup when SBPATCH is unset: it imports nothing else (the pytest-cov pattern).
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+PTH = "sbpatch.pth"
+
+
+class BuildWithPth(build_py):
+    def run(self) -> None:
+        super().run()
+        self.copy_file(str(Path(__file__).parent / PTH), str(Path(self.build_lib) / PTH))
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / PTH)]
+
+
+setup(cmdclass={"build_py": BuildWithPth})

@@ -1,0 +1,238 @@
+"""The freeze ledger and frozen(): exact restoration in every situation, kernel-preserving rules on a ViT."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from helpers import TinyCNN, data, identical, tiny_cnn, tiny_vit
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import sbpatch
+from sbpatch import freeze
+
+
+def flags(model: nn.Module) -> list[bool]:
+    return [p.requires_grad for p in model.parameters()]
+
+
+def test_frozen_freezes_and_restores_exactly():
+    model = tiny_cnn()
+    before = flags(model)
+    assert before.count(False) == 1  # conv.bias frozen by the user
+    with sbpatch.frozen(model):
+        assert not any(flags(model))
+        assert freeze.held_count() == len(before) - 1
+    assert flags(model) == before
+    assert freeze.held_count() == 0
+
+
+def test_user_frozen_parameter_is_never_set_true():
+    model = tiny_cnn()
+    with sbpatch.frozen(model):
+        with sbpatch.frozen(model.conv):
+            pass
+        assert not model.conv.weight.requires_grad
+    assert model.conv.bias.requires_grad is False
+    assert model.conv.weight.requires_grad is True
+
+
+def test_tied_and_shared_parameters_are_counted_once():
+    model = tiny_cnn()
+    other = nn.Sequential(model.head)  # shares head with model
+    with sbpatch.frozen(model, other, model.parameters()):
+        assert freeze.held_count() == sum(1 for p in model.parameters() if p.requires_grad is False) - 1
+    assert flags(model) == flags(tiny_cnn())
+
+
+def test_exception_and_keyboard_interrupt_restore():
+    model = tiny_cnn()
+    before = flags(model)
+    for exc in (RuntimeError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)), sbpatch.frozen(model):
+            raise exc
+        assert flags(model) == before
+    assert freeze.held_count() == 0
+
+
+def test_decorator_and_recursion():
+    model = tiny_cnn()
+
+    @sbpatch.frozen(model)
+    def depth(n: int) -> list[bool]:
+        return flags(model) if n == 0 else depth(n - 1)
+
+    assert not any(depth(3))
+    assert flags(model) == flags(tiny_cnn())
+
+
+def test_grad_mode_buffers_untouched():
+    model = tiny_cnn().train()
+    x, y = data()
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    with sbpatch.frozen(model):
+        x.requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        assert x.grad is not None
+    for p, g in zip(model.parameters(), grads):
+        assert (p.grad is None) == (g is None) and (g is None or torch.equal(p.grad, g))
+    assert model.training
+    # train-mode batch norm updated its running stats in the frozen forward: sbpatch does not touch buffers
+    assert not all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+
+
+def test_keep_by_name_module_and_parameter():
+    model = tiny_cnn()
+    with sbpatch.frozen(model, keep=["hidden", "head.weight"]):
+        assert model.hidden.weight.requires_grad and model.hidden.bias.requires_grad
+        assert model.head.weight.requires_grad and not model.head.bias.requires_grad
+    with sbpatch.frozen(model, keep=[model.conv]):
+        assert model.conv.weight.requires_grad and not model.bn.weight.requires_grad
+    with pytest.raises(ValueError, match="names no parameter"), sbpatch.frozen(model, keep=["nope"]):
+        pass
+    assert flags(model) == flags(tiny_cnn())
+
+
+def test_cache_sees_modules_added_later():
+    model = tiny_cnn()
+    with sbpatch.frozen(model):
+        pass
+    model.extra = nn.Linear(2, 2)
+    with sbpatch.frozen(model):
+        assert not model.extra.weight.requires_grad
+    assert model.extra.weight.requires_grad
+
+
+def test_bad_target_type():
+    with pytest.raises(TypeError, match="cannot freeze"), sbpatch.frozen(42):
+        pass
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st.lists(st.sampled_from(["a", "b", "ab"]), min_size=1, max_size=12),
+    data_=st.data(),
+)
+def test_overlapping_holders_end_with_original_state(ops, data_):
+    """Holders acquire and release in any interleaving (not nested): the final state is the initial one."""
+    a, b = tiny_cnn(), TinyCNN()
+    b.head = a.head  # shared parameters between the two models
+    b.hidden.weight.requires_grad_(False)
+    before = (flags(a), flags(b))
+    release_order = data_.draw(st.permutations(range(len(ops))))  # draw first: a draw may abort the example
+    holders = []
+    for which in ops:
+        targets = {"a": [a], "b": [b], "ab": [a, b]}[which]
+        held: list = []
+        params, guarded = freeze.collect(targets)
+        freeze.acquire(params, held, guarded)
+        holders.append(held)
+        assert not a.head.weight.requires_grad
+    for i in release_order:
+        freeze.release(holders[i])
+    assert (flags(a), flags(b)) == before
+    assert freeze.held_count() == 0
+
+
+def test_many_threads_nested_and_overlapping():
+    model = tiny_cnn()
+    before = flags(model)
+    errors = []
+    barrier = threading.Barrier(8)
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(200):
+                with sbpatch.frozen(model if i % 2 else model.head):
+                    with sbpatch.frozen(model.head, model.hidden):
+                        assert not model.head.weight.requires_grad
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert flags(model) == before
+    assert freeze.held_count() == 0
+
+
+# --- kernel-preserving rules ---------------------------------------------------------------------------------
+
+
+def _logits_and_input_grad(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    plain = model(x).detach()  # a black-box query: grad mode on, but the input needs no gradient
+    xg = x.clone().requires_grad_(True)
+    out = model(xg)
+    (grad,) = torch.autograd.grad(out.logsumexp(1).sum(), xg)
+    return plain, out.detach(), grad
+
+
+def _freeze_all(model: nn.Module) -> list[nn.Parameter]:
+    live = [p for p in model.parameters() if p.requires_grad]
+    for p in live:
+        p.requires_grad_(False)
+    return live
+
+
+def test_vit_frozen_is_bit_identical_and_keeps_in_projections_live():
+    model = tiny_vit()
+    x, _ = data(n=4)
+    expected = _logits_and_input_grad(model, x)
+    with sbpatch.frozen(model):
+        attn = model.encoder.layers[0].self_attention
+        assert attn.in_proj_weight.requires_grad
+        assert not attn.out_proj.weight.requires_grad
+        got = _logits_and_input_grad(model, x)
+    assert identical(expected, got)
+
+
+def test_vit_one_liner_freeze_changes_kernels():
+    """Why the rule exists: freezing everything makes the no-grad query take MultiheadAttention's fused fast path."""
+    model = tiny_vit()
+    x, _ = data(n=4)
+    expected = _logits_and_input_grad(model, x)
+    live = _freeze_all(model)
+    try:
+        got = _logits_and_input_grad(model, x)
+    finally:
+        for p in live:
+            p.requires_grad_(True)
+    assert not identical(expected, got), "torch no longer switches kernels: the keep rule may be unnecessary"
+
+
+def test_kept_parameters_grad_set_aside_under_backward():
+    model = tiny_vit()
+    attn = model.encoder.layers[0].self_attention
+    attn.in_proj_weight.grad = torch.ones_like(attn.in_proj_weight)
+    saved = attn.in_proj_weight.grad
+    x, y = data()
+    with sbpatch.frozen(model):
+        nn.functional.cross_entropy(model(x), y).backward()
+    assert attn.in_proj_weight.grad is saved and torch.equal(saved, torch.ones_like(saved))
+    assert model.encoder.layers[0].mlp[0].weight.grad is None
+
+
+def test_keep_rules_are_data_and_extensible():
+    rules = sbpatch.keep_rules()
+    assert "in_proj_weight" in rules["torch.nn.modules.activation.MultiheadAttention"]
+    model = tiny_cnn()
+    sbpatch.add_keep_rule(nn.BatchNorm2d, "weight")
+    try:
+        assert "torch.nn.modules.batchnorm.BatchNorm2d" in sbpatch.keep_rules()
+        with sbpatch.frozen(model):
+            assert model.bn.weight.requires_grad and not model.bn.bias.requires_grad
+    finally:
+        sbpatch.remove_keep_rule(nn.BatchNorm2d)
+    with sbpatch.frozen(model):
+        assert not model.bn.weight.requires_grad
+    assert "kept live" in str(sbpatch.status())
