@@ -150,9 +150,8 @@ def test_many_threads_nested_and_overlapping():
         try:
             barrier.wait()
             for _ in range(200):
-                with sbpatch.frozen(model if i % 2 else model.head):
-                    with sbpatch.frozen(model.head, model.hidden):
-                        assert not model.head.weight.requires_grad
+                with sbpatch.frozen(model if i % 2 else model.head), sbpatch.frozen(model.head, model.hidden):
+                    assert not model.head.weight.requires_grad
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 

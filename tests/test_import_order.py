@@ -1,0 +1,219 @@
+"""Enabling in every order, in fresh interpreters: before/after import, SBPATCH, `sbpatch run`, disable, twice."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+CHECK = """
+import torch
+from torchattacks.attack import Attack
+from sbpatch.patching import SbpatchWrapper
+wrapped = isinstance(Attack.__dict__["__call__"], SbpatchWrapper)
+print("WRAPPED" if wrapped else "PLAIN")
+"""
+
+
+def run_py(code: str, env: dict[str, str] | None = None, args: list[str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "SBPATCH"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, *(args or ["-c", textwrap.dedent(code)])],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+    )
+
+
+def test_enable_then_import():
+    out = run_py("import sbpatch; sbpatch.enable('torchattacks')\n" + CHECK)
+    assert out.returncode == 0, out.stderr
+    assert "WRAPPED" in out.stdout
+
+
+def test_import_then_enable():
+    out = run_py("import torchattacks, sbpatch; sbpatch.enable()\n" + CHECK)
+    assert "WRAPPED" in out.stdout, out.stderr
+
+
+def test_disable_restores_identity_and_later_imports_patch_nothing():
+    out = run_py(
+        """
+        import sbpatch
+        sbpatch.enable()
+        sbpatch.disable()
+        import torchattacks  # imported after disable: the registered hook must do nothing
+        from torchattacks.attack import Attack
+        original = Attack.__dict__["__call__"]
+        assert not sbpatch.status()["torchattacks"].patched
+        sbpatch.enable("torchattacks")
+        assert Attack.__dict__["__call__"] is not original
+        sbpatch.disable("torchattacks")
+        assert Attack.__dict__["__call__"] is original
+        assert sbpatch.status()["torchattacks"].enabled is False
+        sbpatch.enable("torchattacks")
+        assert Attack.__dict__["__call__"] is not original
+        print("OK")
+        """
+    )
+    assert out.stdout.strip() == "OK", out.stderr
+
+
+def test_enable_twice_wraps_once():
+    out = run_py(
+        """
+        import sbpatch, torchattacks
+        from torchattacks.attack import Attack
+        from sbpatch.patching import SbpatchWrapper
+        sbpatch.enable(); sbpatch.enable("torchattacks"); sbpatch.enable()
+        w = Attack.__dict__["__call__"]
+        assert isinstance(w, SbpatchWrapper) and not isinstance(w.__wrapped__, SbpatchWrapper)
+        print(len(sbpatch.status()["torchattacks"].patched))
+        """
+    )
+    assert out.stdout.strip() == "1", out.stderr
+
+
+def test_unknown_name_names_valid_choices():
+    out = run_py(
+        """
+        import sbpatch
+        try:
+            sbpatch.enable("torchatacks")
+        except sbpatch.ConfigError as exc:
+            assert isinstance(exc, ValueError) and isinstance(exc, sbpatch.SbpatchError)
+            print(exc)
+        """
+    )
+    assert "torchatacks" in out.stdout and "torchattacks, art, foolbox" in out.stdout, out.stderr
+
+
+def test_unsupported_version_raises_when_named_and_warns_once_otherwise():
+    out = run_py(
+        """
+        import dataclasses, warnings
+        import sbpatch
+        from sbpatch import registry
+        state = registry._state("torchattacks")
+        state.integration = dataclasses.replace(state.integration, supported="<1")
+        try:
+            sbpatch.enable("torchattacks")
+        except sbpatch.DidNotEnable as exc:
+            print("RAISED", exc)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sbpatch.enable()
+            sbpatch.enable()
+        mine = [w for w in caught if w.category is sbpatch.SbpatchWarning and "torchattacks" in str(w.message)]
+        print("WARNINGS", len(mine))
+        s = sbpatch.status()["torchattacks"]
+        print("ENABLED", s.enabled, "NOTE", s.note)
+        """
+    )
+    assert "RAISED torchattacks 3.5.1 is outside the supported range <1" in out.stdout, out.stderr
+    assert "WARNINGS 1" in out.stdout
+    assert "ENABLED False NOTE torchattacks 3.5.1 is outside" in out.stdout
+
+
+DEMO = """
+from sbpatch.patching import Integration, Target
+
+def locate(wrapped, instance, args, kwargs):
+    raise RuntimeError("locator bug")
+
+INTEGRATION = Integration(
+    name="demo", distribution="packaging", module="xml", supported=">=0",
+    targets=(
+        Target("xml.dom.minidom", "Document.no_such_method", locate),
+        Target("xml.dom.minidom", "parseString", locate),
+    ),
+)
+"""
+
+
+def test_hook_never_raises_and_moved_target_is_skipped(tmp_path: Path):
+    (tmp_path / "demo_contrib.py").write_text(DEMO)
+    out = run_py(
+        f"""
+        import sys, warnings
+        sys.path.insert(0, {str(tmp_path)!r})
+        import sbpatch
+        from sbpatch import registry
+        registry.INTEGRATIONS["demo"] = "demo_contrib"
+        warnings.simplefilter("always")
+        sbpatch.enable("demo")
+        import xml.dom.minidom  # the hook fires here: one target moved, one fine
+        doc = xml.dom.minidom.parseString("<a/>")  # the locator raises: the call still runs, unpatched
+        s = sbpatch.status()["demo"]
+        print("SKIPPED", list(s.skipped))
+        print("PATCHED", s.patched)
+        print("UNLOCATED", s.unlocated, doc.documentElement.tagName)
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert "SKIPPED ['xml.dom.minidom.Document.no_such_method']" in out.stdout
+    assert "PATCHED ['xml.dom.minidom.parseString']" in out.stdout
+    assert "UNLOCATED 1 a" in out.stdout
+    assert out.stderr.count("skipping xml.dom.minidom.Document.no_such_method") == 1
+
+
+# --- start-up enabling -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["all", "1", "true", "torchattacks", "art,torchattacks"])
+def test_env_var_enables(value: str):
+    out = run_py(CHECK, env={"SBPATCH": value})
+    assert "WRAPPED" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "none", "art"])
+def test_env_var_off_or_other_library(value: str):
+    out = run_py(CHECK, env={"SBPATCH": value})
+    assert "PLAIN" in out.stdout, out.stderr
+    assert out.stderr == ""
+
+
+def test_bad_env_value_prints_one_line_and_runs():
+    out = run_py(CHECK, env={"SBPATCH": "torchattack"})
+    assert out.returncode == 0
+    assert "PLAIN" in out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "torchattack" in lines[0] and "torchattacks, art" in lines[0], out.stderr
+
+
+def test_unset_env_imports_nothing():
+    out = run_py("import sys; print(sorted(m for m in ('sbpatch', 'torch', 'torchattacks') if m in sys.modules))")
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_startup_hook_is_installed():
+    out = run_py("import sys; print('sbpatch._startup' in sys.modules)", env={"SBPATCH": "none"})
+    assert out.stdout.strip() == "True", "sbpatch.pth is not in site-packages: install the project non-editable"
+
+
+SCRIPT = """
+import sys
+from torchattacks.attack import Attack
+from sbpatch.patching import SbpatchWrapper
+print(__name__, sys.argv[1:], isinstance(Attack.__dict__["__call__"], SbpatchWrapper))
+"""
+
+
+def test_sbpatch_run_script_module_and_command(tmp_path: Path):
+    script = tmp_path / "attack_script.py"
+    script.write_text(SCRIPT)
+    out = run_py("", args=["-m", "sbpatch", "run", str(script), "--flag", "x"])
+    assert out.stdout.strip() == "__main__ ['--flag', 'x'] True", out.stderr
+    out = run_py("", args=["-m", "sbpatch", "run", "--libraries", "art", str(script)])
+    assert out.stdout.strip() == "__main__ [] False", out.stderr
+    env = {"PYTHONPATH": str(tmp_path)}
+    out = run_py("", env=env, args=["-m", "sbpatch", "run", "--libraries", "torchattacks", "-m", "attack_script", "a"])
+    assert out.stdout.strip() == "__main__ ['a'] True", out.stderr
+    out = run_py("", args=["-m", "sbpatch", "run", sys.executable, str(script), "b"])
+    assert out.stdout.strip() == "__main__ ['b'] True", out.stderr
