@@ -15,6 +15,7 @@ from sbpatch.errors import ConfigError, DidNotEnable, SbpatchError, SbpatchWarni
 from sbpatch.freeze import add_keep_rule, frozen, keep_rules, remove_keep_rule
 from sbpatch.patching import paused
 from sbpatch.registry import LibraryStatus, disable, enable, status
+from sbpatch.verify import verify
 
 __version__ = "0.1.0"
 
@@ -34,4 +35,5 @@ __all__ = [
     "paused",
     "remove_keep_rule",
     "status",
+    "verify",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import runpy
 import shutil
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module in (("bench", "sbpatch.bench.cli"), ("verify", "sbpatch.verify")):
         try:
-            mod = __import__(module, fromlist=["add_arguments"])
+            mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:  # an optional part not present in this installation
             if exc.name != module:
                 raise

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torchvision
 
 import sbpatch
 from sbpatch import registry
+from sbpatch.verify import identical, seed_all
 
 
 class TinyCNN(nn.Module):
@@ -68,34 +67,6 @@ MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": tiny_cnn, "vit": tiny_vit}
 def data(n: int = 4, size: int = 8, seed: int = 1, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
-
-
-def seed_all(seed: int = 0) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def identical(a: Any, b: Any) -> bool:
-    """Bitwise equality for tensors, arrays, numbers and nested tuples/lists/dicts of them."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):  # NaN == NaN when the bits match
-        return a.dtype == b.dtype and a.shape == b.shape and (torch.equal(a, b) or _same_bits(a, b))
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
-    if hasattr(a, "__dict__") and type(a) is type(b) and not callable(a):
-        return identical(vars(a), vars(b))
-    return a == b
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if not a.is_floating_point():
-        return False
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return torch.equal(a.detach().contiguous().view(ints), b.detach().contiguous().view(ints))
 
 
 @dataclass
