@@ -6,6 +6,8 @@ Rules (DESIGN.md section 4):
 
 * a reference-counted ledger keyed by parameter identity, guarded by one lock: the first holder of a parameter that
   requires grad sets it to False, the last holder to leave sets it back to True;
+* the parameters of a module are a cached :class:`Group`; a call whose group is already held (nested attacks,
+  a library's gradient method inside its own ``generate``) only counts itself, so the hot path stays cheap;
 * a parameter that does not require grad when a holder arrives (frozen by the user) is never touched;
 * kernel-preserving rules: parameters whose ``requires_grad`` changes the kernel PyTorch picks stay live
   (``nn.MultiheadAttention``'s in-projections, see :func:`add_keep_rule`).
@@ -18,15 +20,21 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable
+from itertools import repeat
 from typing import Any
 
 log = logging.getLogger("sbpatch")
 
 _lock = threading.Lock()
-# id(param) -> [param, holders]. Holding the parameter keeps its id unique while it is in the ledger.
-_ledger: dict[int, list[Any]] = {}
-# id(param) -> [param, holders, saved .grad]: live parameters (kernel-preserving rules) whose .grad is set aside.
+# id(param) -> holders, for every parameter sbpatch set to False. A holding Group keeps the parameter alive, so its
+# id stays unique while it is counted here.
+_ledger: dict[int, int] = {}
+# id(param) -> [holders, saved .grad]: live parameters (kernel-preserving rules) whose .grad is set aside.
 _guards: dict[int, list[Any]] = {}
+_active = 0  # groups with at least one holder
+# The only active group, while it is alone: its parameters are not written to the ledger (the hot path: one attack
+# call at a time). A second group arriving writes them first.
+_exclusive: Group | None = None
 
 # Module type (or "module.QualName" string) -> parameter names on that module that must stay live.
 _keep_rules: dict[Any, frozenset[str]] = {
@@ -39,7 +47,7 @@ _rule_cache: dict[type, frozenset[str]] = {}
 # Per root module: (generation, params to freeze). The generation moves whenever any module anywhere registers a
 # parameter or a submodule (torch's global registration hooks) or a keep rule changes.
 _generation = 0
-_param_cache: weakref.WeakKeyDictionary[Any, tuple[int, tuple[Any, ...]]] = weakref.WeakKeyDictionary()
+_param_cache: weakref.WeakKeyDictionary[Any, tuple[int, Group]] = weakref.WeakKeyDictionary()
 _hooks_installed = False
 _torch: Any = None
 
@@ -106,8 +114,21 @@ def _kept_names(cls: type) -> frozenset[str]:
     return names
 
 
-def _module_params(module: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """(parameters to freeze, parameters the rules keep live) of ``module``, de-duplicated, cached per module."""
+class Group:
+    """Parameters frozen together (one module's, cached), and what the current holders of the group own."""
+
+    __slots__ = ("count", "guarded", "owned", "params", "saved")
+
+    def __init__(self, params: tuple[Any, ...], guarded: tuple[Any, ...]) -> None:
+        self.params = params  # to freeze
+        self.guarded = guarded  # kept live by the kernel-preserving rules: .grad set aside
+        self.count = 0  # holders of this group right now
+        self.owned: list[Any] = []  # parameters this group counted in the ledger
+        self.saved: list[Any] = []  # guarded parameters this group counted in _guards
+
+
+def _module_group(module: Any) -> Group:
+    """The cached :class:`Group` of ``module``: its parameters, de-duplicated, split by the keep rules."""
     cached = _param_cache.get(module)
     if cached is not None and cached[0] == _generation and _hooks_installed:
         return cached[1]
@@ -122,12 +143,12 @@ def _module_params(module: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
                 continue
             seen.add(id(p))
             (kept_ if name in kept else frozen_).append(p)
-    result = (tuple(frozen_), tuple(kept_))
+    group = Group(tuple(frozen_), tuple(kept_))
     try:
-        _param_cache[module] = (generation, result)
+        _param_cache[module] = (generation, group)
     except TypeError:  # not weak-referenceable
         pass
-    return result
+    return group
 
 
 def _resolve_keep(roots: list[Any], keep: Iterable[Any]) -> set[int]:
@@ -159,16 +180,20 @@ def _resolve_keep(roots: list[Any], keep: Iterable[Any]) -> set[int]:
     return ids
 
 
-def collect(targets: Iterable[Any], keep: Iterable[Any] = ()) -> tuple[list[Any], list[Any]]:
-    """(parameters to freeze, parameters kept live by the kernel-preserving rules) for ``targets``.
+def collect(targets: Iterable[Any], keep: Iterable[Any] = ()) -> list[Group]:
+    """The groups of parameters that freezing ``targets`` concerns (before looking at their current flags).
 
     ``targets``: modules (DDP/FSDP wrappers included), parameters, or iterables of parameters. ``keep``: parameters,
-    modules, or names (relative to a target module) of parameters or submodules that stay live.
+    modules, or names (relative to a target module) of parameters or submodules that stay live. Plain modules with
+    no ``keep`` give their cached group; anything else gives one new group.
     """
     torch = _ensure_torch()
+    module_type = torch.nn.Module
+    if not keep and all(isinstance(t, module_type) for t in targets):
+        return [_module_group(t) for t in targets]
     roots: list[Any] = []
     for t in targets:
-        if isinstance(t, (torch.nn.Module, torch.Tensor)):
+        if isinstance(t, (module_type, torch.Tensor)):
             roots.append(t)
         elif isinstance(t, Iterable):
             roots.extend(t)
@@ -178,8 +203,12 @@ def collect(targets: Iterable[Any], keep: Iterable[Any] = ()) -> tuple[list[Any]
     guarded: list[Any] = []
     seen: set[int] = set()
     for r in roots:
-        group, kept = _module_params(r) if isinstance(r, torch.nn.Module) else ((r,), ())
-        for p in group:
+        if isinstance(r, module_type):
+            group = _module_group(r)
+            members, kept = group.params, group.guarded
+        else:
+            members, kept = (r,), ()
+        for p in members:
             if id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
@@ -190,71 +219,111 @@ def collect(targets: Iterable[Any], keep: Iterable[Any] = ()) -> tuple[list[Any]
     if keep:
         kept_ids = _resolve_keep(roots, keep)
         params = [p for p in params if id(p) not in kept_ids]
-    return params, guarded
+    return [Group(tuple(params), tuple(guarded))]
 
 
-def acquire(params: Iterable[Any], held: list[list[Any]], guarded: Iterable[Any] = ()) -> None:
-    """Freeze ``params`` for one holder, appending each ledger entry it now holds to ``held``.
+def acquire(groups: Iterable[Group], held: list[Group]) -> None:
+    """Freeze ``groups`` for one holder, appending each group it now holds to ``held``.
 
-    ``guarded``: parameters the kernel-preserving rules keep live. They still receive weight gradients from a
-    ``backward()``, so their ``.grad`` is set aside (the same tensor object, untouched) and put back on release.
-    ``held`` is filled as it goes, so a caller that releases it in ``finally`` restores even after an interruption.
+    A group already held only counts the new holder. Otherwise each of its parameters that requires grad is set to
+    False (or, if another group froze it, counted). Guarded parameters (kernel-preserving rules) stay live but still
+    receive weight gradients from a ``backward()``, so their ``.grad`` is set aside (the same tensor object,
+    untouched) and put back on release. ``held`` is filled as it goes, so a caller that releases it in ``finally``
+    restores even after an interruption.
     """
+    global _active, _exclusive
     with _lock:
-        for p in params:
-            key = id(p)
-            entry = _ledger.get(key)
-            if entry is not None:
-                entry[1] += 1
-                held.append(entry)
-            elif p.requires_grad:
-                entry = [p, 1]
-                held.append(entry)
-                _ledger[key] = entry
-                p.requires_grad = False
-        for p in guarded:
-            key = id(p)
-            entry = _guards.get(key)
-            if entry is not None:
-                entry[1] += 1
-                held.append(entry)
-            elif p.requires_grad:
-                entry = [p, 1, p.grad]
-                held.append(entry)
-                _guards[key] = entry
-                p.grad = None
+        for group in groups:
+            held.append(group)
+            group.count += 1
+            if group.count > 1:
+                continue
+            owned = group.owned
+            if not _active:  # nothing else frozen: no ledger needed
+                _exclusive = group
+                owned.extend([p for p in group.params if p.requires_grad])
+                for p in owned:
+                    p.requires_grad = False
+            else:
+                if _exclusive is not None:
+                    _ledger.update(zip(map(id, _exclusive.owned), repeat(1)))
+                    _exclusive = None
+                _acquire_counted(group.params, owned)
+            _active += 1
+            for p in group.guarded:
+                key = id(p)
+                entry = _guards.get(key)
+                if entry is not None:
+                    entry[0] += 1
+                    group.saved.append(p)
+                elif p.requires_grad:
+                    _guards[key] = [1, p.grad]
+                    group.saved.append(p)
+                    p.grad = None
 
 
-def release(held: list[list[Any]]) -> None:
-    """Give back what :func:`acquire` took; the last holder restores ``requires_grad=True`` (or the saved grad)."""
+def _acquire_counted(params: tuple[Any, ...], owned: list[Any]) -> None:
+    ledger = _ledger
+    for p in params:
+        key = id(p)
+        holders = ledger.get(key)
+        if holders is not None:
+            ledger[key] = holders + 1
+            owned.append(p)
+        elif p.requires_grad:
+            ledger[key] = 1
+            owned.append(p)
+            p.requires_grad = False
+
+
+def release(held: list[Group]) -> None:
+    """Give back what :func:`acquire` took; the last holder of a parameter restores ``requires_grad=True``."""
+    global _active, _exclusive
+    ledger = _ledger
     with _lock:
         while held:
-            entry = held.pop()
-            entry[1] -= 1
-            if entry[1] == 0:
-                p = entry[0]
-                if len(entry) == 2:
-                    if _ledger.get(id(p)) is entry:
-                        del _ledger[id(p)]
+            group = held.pop()
+            group.count -= 1
+            if group.count:
+                continue
+            _active -= 1
+            owned, group.owned = group.owned, []
+            if group is _exclusive or not _active:  # alone: every parameter it owns is held once, by it
+                _exclusive = None
+                ledger.clear()
+                for p in owned:
                     p.requires_grad = True
+                owned = []
+            for p in owned:
+                key = id(p)
+                holders = ledger[key] - 1
+                if holders:
+                    ledger[key] = holders
                 else:
-                    if _guards.get(id(p)) is entry:
-                        del _guards[id(p)]
-                    p.grad = entry[2]
+                    del ledger[key]
+                    p.requires_grad = True
+            saved, group.saved = group.saved, []
+            for p in saved:
+                entry = _guards[id(p)]
+                entry[0] -= 1
+                if not entry[0]:
+                    del _guards[id(p)]
+                    p.grad = entry[1]
 
 
 def held_count() -> int:
     """Number of parameters sbpatch holds right now, frozen or guarded (0 when no frozen call is running)."""
-    return len(_ledger) + len(_guards)
+    with _lock:
+        exclusive = len(_exclusive.owned) if _exclusive is not None else 0
+        return len(_ledger) + exclusive + len(_guards)
 
 
 def call_frozen(targets: Iterable[Any], keep: Iterable[Any], fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     """Call ``fn(*args, **kwargs)`` with ``targets`` frozen. A failure to freeze runs ``fn`` unfrozen, never raises."""
-    held: list[list[Any]] = []
+    held: list[Group] = []
     try:
         try:
-            params, guarded = collect(targets, keep)
-            acquire(params, held, guarded)
+            acquire(collect(targets, keep), held)
         except Exception:  # never break the user's call because freezing failed
             log.warning("sbpatch could not freeze the model; running the call unpatched", exc_info=True)
             release(held)
@@ -284,11 +353,10 @@ class frozen(contextlib.ContextDecorator):
         stack = getattr(self._local, "stack", None)
         if stack is None:
             stack = self._local.stack = []
-        held: list[list[Any]] = []
+        held: list[Group] = []
         stack.append(held)
         try:
-            params, guarded = collect(self._targets, self._keep)
-            acquire(params, held, guarded)
+            acquire(collect(self._targets, self._keep), held)
         except BaseException:
             release(held)
             stack.pop()

@@ -138,10 +138,11 @@ def compare(
     flags_unpatched = [[p.requires_grad for p in m.parameters()] for m in models]
     _restore(models, grads, modes0, flags)
 
-    seen_frozen: list[bool] = []
+    live = {id(p) for m in models for p in m.parameters() if p.requires_grad}
+    seen_frozen: list[bool] = []  # per forward: was a normally-live parameter frozen?
     hooks = [
         m.register_forward_pre_hook(
-            lambda mod, inp: seen_frozen.append(any(not p.requires_grad for p in mod.parameters() if p is not None))
+            lambda mod, inp: seen_frozen.append(any(not p.requires_grad for p in mod.parameters() if id(p) in live))
         )
         for m in models
     ]

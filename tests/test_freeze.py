@@ -130,8 +130,7 @@ def test_overlapping_holders_end_with_original_state(ops, data_):
     for which in ops:
         targets = {"a": [a], "b": [b], "ab": [a, b]}[which]
         held: list = []
-        params, guarded = freeze.collect(targets)
-        freeze.acquire(params, held, guarded)
+        freeze.acquire(freeze.collect(targets), held)
         holders.append(held)
         assert not a.head.weight.requires_grad
     for i in release_order:
