@@ -1,0 +1,3 @@
+from sbpatch.bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""The benchmark's outputs: machine header, rich table, JSON, markdown and a bar chart of the ratios."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import sbpatch
+from sbpatch import registry
+from sbpatch.bench.runner import COLUMNS, LABELS, THRESHOLD, RowResult
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str, threads: int) -> dict[str, Any]:
+    """The header every result carries: versions, device, threads, CPU."""
+    versions = {}
+    for name in registry.INTEGRATIONS:
+        integ = registry._state(name).integration
+        versions[name] = registry.installed_version(integ)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "sbpatch": sbpatch.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "libraries": versions,
+    }
+
+
+def row_dict(r: RowResult, metric: str) -> dict[str, Any]:
+    """One row as plain data (seconds, bytes, speed-ups over as shipped)."""
+    out: dict[str, Any] = {"library": r.library, "attack": r.attack, "case": r.case, "note": r.note}
+    if not r.measured:
+        return out
+    out["columns"] = {
+        k: {
+            "wall_median_s": c.wall_median,
+            "cpu_median_s": c.cpu_median,
+            "wall_s": c.wall,
+            "cpu_s": c.cpu,
+            "memory_bytes": c.memory,
+        }
+        for k, c in r.columns.items()
+    }
+    out["ratio_wall"] = {k: r.ratio(k, "wall") for k in COLUMNS}
+    out["ratio_cpu"] = {k: r.ratio(k, "cpu") for k in COLUMNS}
+    out["sbpatch_over_oneliner"] = r.ratio("sbpatch", metric) / r.ratio("oneliner", metric)
+    out.update(identical=r.identical, leaves_grad=r.leaves_grad, engaged=r.engaged, checks=r.checks(metric))
+    return out
+
+
+def misses(rows: Sequence[RowResult], metric: str) -> list[str]:
+    """One line per missed target, with the measured figures (the report never hides a miss)."""
+    lines = []
+    for r in rows:
+        name = f"{r.library} {r.attack}"
+        if not r.measured:
+            lines.append(f"{name}: not measured ({r.note})")
+            continue
+        checks = r.checks(metric)
+        s, o = r.ratio("sbpatch", metric), r.ratio("oneliner", metric)
+        if checks.get("sbpatch_vs_shipped") is False:
+            lines.append(f"{name}: sbpatch {s:.2f}x as shipped (< {THRESHOLD}){_noise(r, metric, 'shipped', s)}")
+        if checks.get("sbpatch_vs_oneliner") is False:
+            noise = _noise(r, metric, "oneliner", s / o)
+            lines.append(f"{name}: sbpatch {s:.2f}x vs one-liner {o:.2f}x (< {THRESHOLD} of it){noise}")
+        if checks.get("identical") is False:
+            lines.append(f"{name}: sbpatch output differs from as shipped")
+        if checks.get("memory_lower") is False:
+            m = {k: r.columns[k].memory for k in ("shipped", "sbpatch")}
+            lines.append(f"{name}: peak memory not lower ({fmt_bytes(m['sbpatch'])} vs {fmt_bytes(m['shipped'])})")
+    return lines
+
+
+def spread(r: RowResult, column: str, metric: str) -> float:
+    """Half the relative range of a column's timed runs: the run's own noise (0 with one run)."""
+    values = getattr(r.columns[column], metric)
+    median = r.columns[column].median(metric)
+    return (max(values) - min(values)) / (2 * median) if len(values) > 1 and median > 0 else 0.0
+
+
+def _noise(r: RowResult, metric: str, other: str, ratio: float) -> str:
+    noise = spread(r, "sbpatch", metric) + spread(r, other, metric)
+    if 1 - ratio <= noise:
+        return f"; within this run's noise (spread +-{noise:.0%})"
+    return f"; beyond this run's noise (spread +-{noise:.0%})"
+
+
+def to_json(meta: dict[str, Any], rows: Sequence[RowResult], metric: str) -> dict[str, Any]:
+    return {"meta": meta, "rows": [row_dict(r, metric) for r in rows], "misses": misses(rows, metric)}
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, default=_jsonable)
+        f.write("\n")
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)
+
+
+def fmt_time(s: float) -> str:
+    if not math.isfinite(s):
+        return "-"
+    return f"{s * 1e3:.0f} ms" if s >= 0.01 else f"{s * 1e3:.2f} ms"
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def header_lines(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    cfg = ", ".join(f"{k}={v}" for k, v in config.items())
+    return [
+        f"sbpatch {meta['sbpatch']}, torch {meta['torch']}, device {meta['device']} ({meta['device_name']}), "
+        f"{meta['threads']} thread(s) of {meta['cpu_count']} CPUs, Python {meta['python']}",
+        f"config: {cfg}",
+        "times: medians of wall (perf_counter) and CPU (process_time) per attack call, columns interleaved; "
+        "ratio = as shipped / column (> 1 is faster)",
+    ]
+
+
+def cell(r: RowResult, col: str, memory: bool) -> str:
+    c = r.columns[col]
+    text = f"{fmt_time(c.wall_median)} {r.ratio(col, 'wall'):.2f}x"
+    text += f"\ncpu {fmt_time(c.cpu_median)} {r.ratio(col, 'cpu'):.2f}x"
+    if memory:
+        text += f"\nmem {fmt_bytes(c.memory)}"
+    return text
+
+
+def memory_note(device: str) -> str:
+    if device.startswith("cuda"):
+        return "memory: CUDA allocator peak above the start of the call"
+    return "memory (CPU): peak bytes saved for backward (saved_tensors_hooks, parameters excluded) + .grad buffers"
+
+
+def print_table(console: Any, meta: dict[str, Any], config: dict[str, Any], rows: Sequence[RowResult]) -> None:
+    """The rich table at the end of a run."""
+    from rich.table import Table
+
+    memory = bool(config.get("memory"))
+    metric = config.get("metric", "wall")
+    table = Table(title="sbpatch bench", caption="\n".join(header_lines(meta, config)), caption_justify="left")
+    table.add_column("library")
+    table.add_column("attack")
+    for col in COLUMNS:
+        table.add_column(LABELS[col], justify="right")
+    table.add_column("same output")
+    for r in rows:
+        if not r.measured:
+            table.add_row(r.library, r.attack, *(["-"] * len(COLUMNS)), r.note[:60])
+            continue
+        ok = r.checks(metric)
+        flag = "yes" if r.identical else "NO"
+        if not r.engaged:
+            flag += " (not frozen)"
+        table.add_row(
+            r.library,
+            r.attack,
+            *(cell(r, c, memory) for c in COLUMNS),
+            flag,
+            style=None if all(v is not False for v in ok.values()) else "red",
+        )
+    console.print(table)
+    if memory:
+        console.print(memory_note(meta["device"]))
+    lines = misses(rows, metric)
+    console.print(f"targets ({metric} time): " + ("all met" if not lines else f"{len(lines)} missed"))
+    for line in lines:
+        console.print(f"  miss: {line}")
+
+
+def to_markdown(meta: dict[str, Any], config: dict[str, Any], rows: Sequence[RowResult]) -> str:
+    memory = bool(config.get("memory"))
+    metric = config.get("metric", "wall")
+    lines = ["# sbpatch bench", ""] + [f"- {h}" for h in header_lines(meta, config)]
+    if memory:
+        lines.append(f"- {memory_note(meta['device'])}")
+    lines.append("")
+    head = ["library", "attack"]
+    for c in COLUMNS:
+        head += [f"{LABELS[c]} wall", f"{LABELS[c]} cpu", f"{LABELS[c]} ratio"]
+        if memory:
+            head.append(f"{LABELS[c]} memory")
+    head += ["same output", "note"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.library, r.attack]
+        if not r.measured:
+            cells += ["-"] * (len(head) - 4) + ["-", r.note]
+        else:
+            for c in COLUMNS:
+                col = r.columns[c]
+                cells += [fmt_time(col.wall_median), fmt_time(col.cpu_median), f"{r.ratio(c, metric):.2f}x"]
+                if memory:
+                    cells.append(fmt_bytes(col.memory))
+            cells += ["yes" if r.identical else "no", r.note]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Ratios: as shipped / column, {metric} time (> 1 is faster).")
+    miss = misses(rows, metric)
+    lines.append("")
+    lines.append("Targets: all met." if not miss else "Targets missed:")
+    lines += [f"- {m}" for m in miss]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: str, meta: dict[str, Any], config: dict[str, Any], rows: Sequence[RowResult], title: str = "") -> None:
+    """A grouped bar chart of the speed-ups over as shipped (one group per row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = config.get("metric", "wall")
+    measured = [r for r in rows if r.measured]
+    names = [f"{r.library}\n{r.attack}" for r in measured]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(measured) + 2), 4.2))
+    width = 0.2
+    colors = {"shipped": "#9e9e9e", "oneliner": "#64b5f6", "sbpatch": "#e65100", "limit": "#2e7d32"}
+    for i, col in enumerate(COLUMNS):
+        values = [r.ratio(col, metric) for r in measured]
+        xs = [j + (i - 1.5) * width for j in range(len(measured))]
+        ax.bar(xs, values, width, label=LABELS[col], color=colors[col])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(measured)))
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel(f"speed-up over as shipped ({metric} time)")
+    sub = f"{config.get('model')} B={config.get('batch_size')} {config.get('image_size')}px"
+    sub += f", {config.get('steps')} steps"
+    machine_line = f"torch {meta['torch']}, {meta['device']}, {meta['threads']} thread(s)"
+    ax.set_title(title or f"sbpatch bench: {sub}\n{machine_line}", fontsize=9)
+    ax.legend(fontsize=8, ncol=4, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,291 @@
+"""Measuring one row: the four columns run interleaved (A B C D per repeat) after a warm-up, medians kept.
+
+Columns: ``shipped`` (the library inside :func:`sbpatch.paused`), ``oneliner`` (paused, every parameter set to
+``requires_grad=False`` by hand around the call), ``sbpatch`` (the library patched), ``limit`` (a hand-written PGD
+with frozen parameters and ``torch.autograd.grad``, same steps). Before every call the seeds are reset and every
+``param.grad`` is set to None, so each column starts from the same state.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+import sbpatch
+from sbpatch import registry
+from sbpatch.bench.workloads import Builder, Row
+
+COLUMNS: tuple[str, ...] = ("shipped", "oneliner", "sbpatch", "limit")
+LABELS: dict[str, str] = {"shipped": "as shipped", "oneliner": "one-liner", "sbpatch": "sbpatch", "limit": "limit"}
+THRESHOLD = 0.98
+
+
+@dataclass
+class Settings:
+    """What every row shares."""
+
+    steps: int
+    repeats: int
+    warmup: int = 1
+    memory: bool = False
+    device: str = "cpu"
+    metric: str = "wall"
+
+
+@dataclass
+class Column:
+    """The timings of one column of one row (seconds), and its peak memory figure in bytes when measured."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    memory: int | None = None
+
+    @property
+    def wall_median(self) -> float:
+        return statistics.median(self.wall) if self.wall else float("nan")
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu) if self.cpu else float("nan")
+
+    def median(self, metric: str) -> float:
+        return self.wall_median if metric == "wall" else self.cpu_median
+
+
+@dataclass
+class RowResult:
+    """A measured (or skipped) row."""
+
+    library: str
+    attack: str
+    case: str | None
+    note: str = ""
+    columns: dict[str, Column] = field(default_factory=dict)
+    identical: bool | None = None  # shipped and sbpatch outputs bitwise equal (same seed)
+    leaves_grad: bool | None = None  # as shipped, the attack filled param.grad (it calls backward())
+    engaged: bool | None = None  # the sbpatch call was really frozen (the library's counter moved)
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.columns) and all(c.wall for c in self.columns.values())
+
+    def ratio(self, column: str, metric: str) -> float:
+        """Speed-up of ``column`` over as shipped (> 1 is faster)."""
+        return self.columns["shipped"].median(metric) / self.columns[column].median(metric)
+
+    def checks(self, metric: str) -> dict[str, bool | None]:
+        """The issue's per-row targets: True met, False missed, None not applicable."""
+        if not self.measured:
+            return {}
+        out: dict[str, bool | None] = {
+            "sbpatch_vs_shipped": self.ratio("sbpatch", metric) >= THRESHOLD,
+            "sbpatch_vs_oneliner": self.ratio("sbpatch", metric) >= THRESHOLD * self.ratio("oneliner", metric),
+            "identical": self.identical,
+        }
+        mem = {k: c.memory for k, c in self.columns.items()}
+        if mem["shipped"] is not None and mem["sbpatch"] is not None:
+            out["memory_lower"] = mem["sbpatch"] < mem["shipped"] if self.leaves_grad else None
+        return out
+
+
+def seed_all(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Bitwise equality of attack outputs (tensors, arrays, or nested tuples of them)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def column_calls(
+    model: torch.nn.Module, call: Callable[[], Any], limit: Callable[[], Any]
+) -> dict[str, Callable[[], Any]]:
+    """The four zero-argument calls of one row."""
+    params = list(model.parameters())
+
+    def shipped() -> Any:
+        with sbpatch.paused():
+            return call()
+
+    def oneliner() -> Any:
+        flags = [p.requires_grad for p in params]
+        with sbpatch.paused():
+            [p.requires_grad_(False) for p in params]
+            try:
+                return call()
+            finally:
+                for p, f in zip(params, flags):
+                    p.requires_grad_(f)
+
+    return {"shipped": shipped, "oneliner": oneliner, "sbpatch": call, "limit": limit}
+
+
+class SavedTensorMeter:
+    """Peak bytes held for backward (``saved_tensors_hooks``), de-duplicated by storage, parameters excluded."""
+
+    def __init__(self, exclude: list[torch.Tensor]) -> None:
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.live: dict[int, list[int]] = {}  # storage pointer -> [refs, bytes]
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self.live[key]
+            self.current -= entry[1]
+
+    def pack(self, t: torch.Tensor) -> Any:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.exclude or key == 0:
+            return t
+        entry = self.live.get(key)
+        if entry is None:
+            entry = self.live[key] = [0, storage.nbytes()]
+            self.current += entry[1]
+            self.peak = max(self.peak, self.current)
+        entry[0] += 1
+        holder = _Held(t)
+        weakref.finalize(holder, self._release, key)
+        return holder
+
+    @staticmethod
+    def unpack(packed: Any) -> torch.Tensor:
+        return packed.tensor if isinstance(packed, _Held) else packed
+
+    @contextmanager
+    def measuring(self) -> Iterator[None]:
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+            yield
+
+
+class _Held:
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def _reset(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+def measure_memory(model: torch.nn.Module, fn: Callable[[], Any], device: str) -> int:
+    """Peak memory of one call: the CUDA allocator's peak above the start, or on CPU the peak bytes saved for
+    backward plus the ``.grad`` buffers the call left."""
+    _reset(model)
+    seed_all()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    meter = SavedTensorMeter(list(model.parameters()) + list(model.buffers()))
+    with meter.measuring():
+        fn()
+    grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    _reset(model)
+    return int(meter.peak + grads)
+
+
+def run_row(
+    row: Row,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    builder: Builder,
+    limit: Callable[[], Any],
+    settings: Settings,
+    tick: Callable[[], None] = lambda: None,
+) -> RowResult:
+    """Measure one row; a library whose unpatched call fails is returned with a note, not measured."""
+    result = RowResult(row.library, row.attack, row.case, row.note)
+    cuda = settings.device.startswith("cuda")
+    try:
+        sbpatch.enable(row.library)
+    except sbpatch.SbpatchError as exc:
+        result.note = f"sbpatch cannot enable {row.library}: {exc}"
+    try:
+        call = builder(model, x, y, settings.steps)
+    except Exception as exc:
+        result.note = f"library-broken (building): {type(exc).__name__}: {exc}"[:300]
+        return result
+    calls = column_calls(model, call, limit)
+    counters = registry.counters(row.library)
+    columns = {name: Column() for name in COLUMNS}
+
+    def one(name: str, keep: Column | None) -> Any:
+        _reset(model)
+        seed_all()
+        if cuda:
+            torch.cuda.synchronize()
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = calls[name]()
+        if cuda:
+            torch.cuda.synchronize()
+        w1, c1 = time.perf_counter(), time.process_time()
+        if keep is not None:
+            keep.wall.append(w1 - w0)
+            keep.cpu.append(c1 - c0)
+        tick()
+        return out
+
+    try:
+        for i in range(settings.warmup + settings.repeats):
+            timed = i >= settings.warmup
+            for name in COLUMNS:
+                if i == 0 and name == "sbpatch":
+                    before = counters.calls
+                out = one(name, columns[name] if timed else None)
+                if i == 0:
+                    if name == "shipped":
+                        reference = out
+                        result.leaves_grad = any(p.grad is not None for p in model.parameters())
+                    elif name == "sbpatch":
+                        result.engaged = counters.calls > before
+                        result.identical = same(reference, out)
+    except Exception as exc:
+        result.note = f"library-broken: {type(exc).__name__}: {exc}"[:300]
+        _reset(model)
+        return result
+    if settings.memory:
+        for name in COLUMNS:
+            columns[name].memory = measure_memory(model, calls[name], settings.device)
+            tick()
+    _reset(model)
+    result.columns = columns
+    if result.engaged is False and not result.note:
+        result.note = "sbpatch did not freeze this call (library not patched or model not located)"
+    return result
+
+
+def calls_per_row(settings: Settings) -> int:
+    """How many attack calls one row makes (for the progress bar)."""
+    return len(COLUMNS) * (settings.warmup + settings.repeats + (1 if settings.memory else 0))
