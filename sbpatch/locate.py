@@ -8,7 +8,7 @@ or a library wrapper object that keeps the module in an attribute. :func:`find_m
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 _MAX_DEPTH = 4
@@ -77,3 +77,26 @@ def find_modules(obj: Any, attributes: Iterable[str] = (), depth: int = _MAX_DEP
 
     visit(obj, depth)
     return found
+
+
+def argument(position: int, name: str, attributes: Iterable[str] = ()) -> Callable[[Any, Any, tuple, dict], list[Any]]:
+    """A locator for a call whose model is its argument ``name`` (at ``position`` when passed positionally)."""
+    follow = tuple(attributes)
+
+    def locate(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]:
+        value = args[position] if len(args) > position else kwargs.get(name)
+        return find_modules(value, follow)
+
+    locate.__name__ = f"argument_{name}"
+    return locate
+
+
+def attribute(*names: str, attributes: Iterable[str] = ()) -> Callable[[Any, Any, tuple, dict], list[Any]]:
+    """A locator for a method whose model is held in attributes ``names`` of the instance (``self.model``)."""
+    follow = tuple(attributes)
+
+    def locate(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]:
+        return find_modules([getattr(instance, n, None) for n in names], follow)
+
+    locate.__name__ = f"attribute_{'_'.join(names)}"
+    return locate

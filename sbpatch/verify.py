@@ -46,7 +46,7 @@ def identical(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def seed_all(seed: int) -> None:
+def seed_all(seed: int = 0) -> None:
     import numpy as np
     import torch
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -180,3 +183,25 @@ def _restore(models: list[nn.Module], grads: list, modes: list, flags: list | No
             if flags is not None:
                 p.requires_grad_(flags[i][j])
         _set_modes(m, md)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(
+    code: str = "", args: list[str] | None = None, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """A fresh interpreter running ``code`` (dedented) or ``args``: SBPATCH unset unless ``env`` sets it, the
+    repository first on PYTHONPATH, one OpenMP thread."""
+    full_env = {k: v for k, v in os.environ.items() if k != "SBPATCH"}
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, full_env.get("PYTHONPATH")) if p)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, *(args or ["-c", textwrap.dedent(code)])],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=timeout,
+    )

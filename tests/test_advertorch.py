@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
-from helpers import compare, data, tiny_cnn, tiny_vit
+from helpers import compare, data, run_python, tiny_cnn, tiny_vit
 
 import sbpatch
 from sbpatch import freeze, registry
@@ -375,10 +374,7 @@ counters = registry.counters("advertorch")
 
 def _run(body: str) -> None:
     code = textwrap.dedent(PRELUDE.format(tests=TESTS)) + textwrap.dedent(body) + "\nprint('OK')\n"
-    env = {k: v for k, v in os.environ.items() if k != "SBPATCH"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_python(code, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
 
 

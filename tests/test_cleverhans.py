@@ -7,8 +7,6 @@ import functools
 import importlib
 import os
 import pkgutil
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from helpers import compare, data, tiny_cnn, tiny_vit
+from helpers import compare, data, run_python, tiny_cnn, tiny_vit
 
 import sbpatch
 from sbpatch import freeze, registry
@@ -234,10 +232,7 @@ PGD, FGM = "cleverhans.torch.attacks.projected_gradient_descent", "cleverhans.to
 
 def _run(body: str) -> None:
     code = textwrap.dedent(PRELUDE) + textwrap.dedent(body) + "\nprint('OK')\n"
-    env = {k: v for k, v in os.environ.items() if k != "SBPATCH"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_python(code, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
 
 

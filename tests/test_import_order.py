@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 
 CHECK = """
 import torch
@@ -19,16 +17,7 @@ print("WRAPPED" if wrapped else "PLAIN")
 """
 
 
-def run_py(code: str, env: dict[str, str] | None = None, args: list[str] | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "SBPATCH"}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, *(args or ["-c", textwrap.dedent(code)])],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=300,
-    )
+run_py = run_python
 
 
 def test_enable_then_import():

@@ -21,7 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 8,
     "image_size": 32,
     "steps": 10,
-    "repeats": 3,
+    "repeats": 5,
     "warmup": 1,
     "device": "cpu",
     "metric": "auto",

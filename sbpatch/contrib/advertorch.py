@@ -29,29 +29,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sbpatch.locate import find_modules
-from sbpatch.patching import Integration, Locator, Target
+from sbpatch.locate import argument, attribute
+from sbpatch.patching import Integration, Target
 
 Builder = Callable[[Any, Any, Any, int], Callable[[], Any]]
 
 _ATTACKS = "advertorch.attacks"
 
 
-def _attack_victim(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]:
-    """The modules behind ``self.predict``."""
-    predict = getattr(instance, "predict", None)
-    return find_modules(predict) if predict is not None else []
-
-
-def _argument_victim(index: int, name: str = "predict") -> Locator:
-    """A locator for a function whose model is argument ``index`` (or keyword ``name``)."""
-
-    def locate(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]:
-        predict = kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
-        return find_modules(predict) if predict is not None else []
-
-    locate.__name__ = f"argument_{index}_victim"
-    return locate
+_attack_victim = attribute("predict")  # the modules behind self.predict (any callable)
 
 
 INTEGRATION = Integration(
@@ -61,8 +47,8 @@ INTEGRATION = Integration(
     supported=">=0.2,<0.3",
     targets=(
         Target(f"{_ATTACKS}.base", "Attack.perturb", _attack_victim, subclasses=True),
-        Target(f"{_ATTACKS}.iterative_projected_gradient", "perturb_iterative", _argument_victim(2), rebind=True),
-        Target(f"{_ATTACKS}.spsa", "spsa_perturb", _argument_victim(0), rebind=True),
+        Target(f"{_ATTACKS}.iterative_projected_gradient", "perturb_iterative", argument(2, "predict"), rebind=True),
+        Target(f"{_ATTACKS}.spsa", "spsa_perturb", argument(0, "predict"), rebind=True),
     ),
     excluded={
         "names bound before enable()": (

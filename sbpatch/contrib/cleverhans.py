@@ -24,7 +24,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from sbpatch.locate import find_modules
+from sbpatch.locate import argument
 from sbpatch.patching import Integration, Target
 
 # module (under cleverhans.torch.attacks) -> the attack function it defines; every one takes model_fn first.
@@ -44,10 +44,8 @@ MODEL_FREE: dict[str, str] = {
 }
 
 
-def _victim(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]:
-    """The modules behind ``model_fn`` (first positional argument or keyword)."""
-    model_fn = args[0] if args else kwargs.get("model_fn")
-    return find_modules(model_fn) if model_fn is not None else []
+# The modules behind model_fn (first positional argument, or the keyword: spsa calls itself with model_fn=).
+_victim = argument(0, "model_fn")
 
 
 INTEGRATION = Integration(

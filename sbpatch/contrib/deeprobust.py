@@ -17,29 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sbpatch.locate import find_modules
+from sbpatch.locate import argument, attribute
 from sbpatch.patching import Integration, Target
 
-
-def _attack_model(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]:
-    """``BaseAttack.generate`` and its overrides: ``self.model``."""
-    return find_modules(getattr(instance, "model", None))
-
-
-def _model_and_gan(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]:
-    """``CarliniL2.generate``: ``self.model`` and the generator ``self.gan`` (set by ``parse_params``)."""
-    return find_modules([getattr(instance, "model", None), getattr(instance, "gan", None)])
-
-
-def _argument(position: int, name: str) -> Callable[[Any, Any, tuple, dict], list[Any]]:
-    """A locator reading the victim from the call's argument ``name`` (at ``position`` when passed positionally)."""
-
-    def locate(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]:
-        value = args[position] if len(args) > position else kwargs.get(name)
-        return find_modules(value)
-
-    locate.__name__ = f"_argument_{name}"
-    return locate
+# BaseAttack.generate and its overrides: self.model. CarliniL2.generate: also the generator self.gan.
+_attack_model = attribute("model")
+_model_and_gan = attribute("model", "gan")
 
 
 INTEGRATION = Integration(
@@ -53,8 +36,8 @@ INTEGRATION = Integration(
         # Not a BaseAttack: a plain class (Defense-GAN style C&W through a generator).
         Target("deeprobust.image.attack.l2_attack", "CarliniL2.generate", _model_and_gan, subclasses=True),
         # YOPO's evaluation attack: a BaseAttack subclass whose entry point is attack(net, inp, label).
-        Target("deeprobust.image.attack.YOPOpgd", "FASTPGD.attack", _argument(0, "net"), subclasses=True),
-        Target("deeprobust.image.attack.BPDA", "BPDA_attack", _argument(2, "model"), rebind=True),
+        Target("deeprobust.image.attack.YOPOpgd", "FASTPGD.attack", argument(0, "net"), subclasses=True),
+        Target("deeprobust.image.attack.BPDA", "BPDA_attack", argument(2, "model"), rebind=True),
     ),
     excluded={
         "deeprobust.image.defense": "adversarial training (PGDtraining, FGSMtraining, fast, AWP, TRADES, YOPO, "

@@ -10,12 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from sbpatch.locate import attribute
 from sbpatch.patching import Integration, Target
 
-
-def _victim(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]:
-    model = getattr(instance, "model", None)
-    return [model] if model is not None else []
+_victim = attribute("model")
 
 
 def _trains(instance: Any) -> str | None:
