@@ -26,9 +26,24 @@ def library_list(value: str) -> list[str]:
 
 
 def _status(args: argparse.Namespace) -> int:
-    if args.libraries is not None:
-        sbpatch.enable(*args.libraries)
+    """Enable the libraries (all installed by default), import their patch targets, print what was patched."""
+    sbpatch.enable(*(args.libraries or []))
+    for name, lib in sbpatch.status().items():
+        if not lib.enabled:
+            continue
+        for target in registry.integration(name).targets:
+            try:
+                importlib.import_module(target.module)
+            except Exception as exc:  # the library itself does not import on this stack: show it, carry on
+                print(f"{name}: importing {target.module} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     print(sbpatch.status())
+    if args.verbose:
+        for name, lib in sbpatch.status().items():
+            print(f"\n{name}: patched {len(lib.patched)}, excluded {len(lib.excluded)}, shims {lib.shims or '-'}")
+            for target in lib.patched:
+                print(f"  patched  {target}")
+            for target, reason in lib.excluded.items():
+                print(f"  excluded {target}: {reason}")
     return 0
 
 
@@ -71,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("status", help="show what sbpatch patches in this environment")
-    p.add_argument("--libraries", type=library_list, default=None, help=f"enable these first (comma list: {valid})")
+    p.add_argument("--libraries", type=library_list, default=None, help=f"comma list of: {valid} (default: all)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list every patched and excluded target")
     p.set_defaults(func=_status)
 
     p = sub.add_parser(

@@ -284,6 +284,11 @@ def status() -> StatusReport:
     return report
 
 
+def integration(name: str) -> Integration:
+    """The declared :class:`Integration` of one library."""
+    return _state(name).integration
+
+
 def counters(name: str) -> Counters:
     """The live counters of one library (tests and the benchmark read them)."""
     return _state(name).counters

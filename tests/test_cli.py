@@ -32,6 +32,16 @@ def test_version_and_help():
     assert out.returncode == 0 and "status" in out.stdout and "run" in out.stdout
 
 
+def test_status_imports_and_lists_every_target():
+    out = run_cli("status", "-v", "--libraries", "torchattacks,cleverhans")
+    assert out.returncode == 0, out.stderr
+    assert "  patched  torchattacks.attack.Attack.__call__" in out.stdout
+    assert "  excluded torchattacks.LGV: trains copies" in out.stdout
+    assert "  patched  cleverhans.torch.attacks.projected_gradient_descent.projected_gradient_descent" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.startswith("cleverhans"))
+    assert row.split()[3:5] == ["yes", "6"]
+
+
 def test_status_table():
     out = run_cli("status", "--libraries", "torchattacks")
     assert out.returncode == 0, out.stderr
