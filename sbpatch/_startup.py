@@ -1,6 +1,7 @@
 """Run at interpreter start by ``sbpatch.pth`` when ``SBPATCH`` is set: enable the libraries it names.
 
-Never raises: a bad value prints one line to stderr and patches nothing; the program runs on.
+Never raises: a bad value prints one line to stderr and patches nothing; a named library that cannot be enabled
+(missing, unsupported version) prints one line and the others are enabled; the program runs on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ def start() -> None:
         libraries = config.parse_libraries(os.environ.get(config.ENV_VAR), list(registry.INTEGRATIONS))
         if libraries is None:
             return
-        registry.enable(*libraries)
+        if not libraries:
+            registry.enable()
+        for name in libraries:
+            try:
+                registry.enable(name)
+            except registry.DidNotEnable as exc:
+                print(f"sbpatch: {config.ENV_VAR}: {exc}", file=sys.stderr)
     except Exception as exc:  # never break the user's program at start-up
         print(f"sbpatch: {exc}", file=sys.stderr)
 

@@ -116,8 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sbpatch`` command and ``python -m sbpatch``."""
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except sbpatch.DidNotEnable as exc:  # a library named with --libraries is missing or unsupported
+        parser.exit(2, f"sbpatch: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ _rule_cache: dict[type, frozenset[str]] = {}
 _generation = 0
 _param_cache: weakref.WeakKeyDictionary[Any, tuple[int, Group]] = weakref.WeakKeyDictionary()
 _hooks_installed = False
+_freeze_failed = False  # warned once
 _torch: Any = None
 
 
@@ -320,12 +321,15 @@ def held_count() -> int:
 
 def call_frozen(targets: Iterable[Any], keep: Iterable[Any], fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     """Call ``fn(*args, **kwargs)`` with ``targets`` frozen. A failure to freeze runs ``fn`` unfrozen, never raises."""
+    global _freeze_failed
     held: list[Group] = []
     try:
         try:
             acquire(collect(targets, keep), held)
         except Exception:  # never break the user's call because freezing failed
-            log.warning("sbpatch could not freeze the model; running the call unpatched", exc_info=True)
+            if not _freeze_failed:
+                _freeze_failed = True
+                log.warning("sbpatch could not freeze the model; running the call unpatched", exc_info=True)
             release(held)
         return fn(*args, **kwargs)
     finally:

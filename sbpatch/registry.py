@@ -141,6 +141,11 @@ def installed_version(integration: Integration) -> str | None:
         return None
 
 
+def why_not(name: str) -> str | None:
+    """Why library ``name`` cannot be enabled (not installed, unsupported version), or None."""
+    return _why_not(_state(name).integration)
+
+
 def _why_not(integration: Integration) -> str | None:
     version = installed_version(integration)
     if version is None:

@@ -140,7 +140,7 @@ def verify(
     jobs: list[tuple[str, str, Any]] = []
     enabled_here = []
     for name in names:
-        if registry._why_not(registry._state(name).integration) is not None:
+        if registry.why_not(name) is not None:
             continue
         if not registry.counters(name).enabled:
             registry.enable(name)

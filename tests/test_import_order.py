@@ -176,6 +176,23 @@ def test_bad_env_value_prints_one_line_and_runs():
     assert len(lines) == 1 and "torchattack" in lines[0] and "torchattacks, art" in lines[0], out.stderr
 
 
+def test_env_var_library_that_cannot_be_enabled_leaves_the_others_enabled():
+    out = run_py(
+        """
+        import dataclasses, os
+        from sbpatch import registry
+        state = registry._state("cleverhans")
+        state.integration = dataclasses.replace(state.integration, supported="<1")
+        os.environ["SBPATCH"] = "cleverhans,torchattacks"
+        import sbpatch._startup  # what sbpatch.pth does at interpreter start when SBPATCH is set
+        print(registry.counters("torchattacks").enabled, registry.counters("cleverhans").enabled)
+        """
+    )
+    assert out.stdout.strip() == "True False", out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "SBPATCH: cleverhans 4.0.0 is outside the supported range <1" in lines[0], out.stderr
+
+
 def test_unset_env_imports_nothing():
     out = run_py("import sys; print(sorted(m for m in ('sbpatch', 'torch', 'torchattacks') if m in sys.modules))")
     assert out.stdout.strip() == "[]", out.stderr

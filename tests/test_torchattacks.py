@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torchattacks
@@ -100,3 +102,42 @@ def test_grads_left_as_shipped_vs_patched():
     model.zero_grad(set_to_none=True)
     torchattacks.CW(model, steps=2)(x, y)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_paused_is_per_thread():
+    """paused() in one thread leaves another thread's calls patched."""
+    model = tiny_cnn()
+    x, y = data()
+    seen: dict[str, bool] = {}
+
+    def attack(name: str) -> None:
+        seen[name] = False
+        hook = model.register_forward_pre_hook(lambda m, i: seen.__setitem__(name, not m.hidden.weight.requires_grad))
+        try:
+            torchattacks.FGSM(model)(x, y)
+        finally:
+            hook.remove()
+
+    with sbpatch.paused():
+        worker = threading.Thread(target=attack, args=("other thread",))
+        worker.start()
+        worker.join()
+        attack("paused thread")
+    assert seen == {"other thread": True, "paused thread": False}
+
+
+def test_cli_run_with_a_library_that_cannot_be_enabled_exits_2(capsys: pytest.CaptureFixture[str]):
+    import dataclasses
+
+    from sbpatch import cli
+
+    state = registry._state("cleverhans")
+    original = state.integration
+    state.integration = dataclasses.replace(original, supported="<1")
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["run", "--libraries", "cleverhans", "script.py"])
+    finally:
+        state.integration = original
+    assert exit_info.value.code == 2
+    assert "cleverhans 4.0.0 is outside the supported range <1" in capsys.readouterr().err
