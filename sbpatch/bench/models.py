@@ -44,6 +44,8 @@ def build_model(name: str, image_size: int, num_classes: int = NUM_CLASSES, seed
         if image_size % 16:
             raise ValueError(f"vit_b_16 needs an image size divisible by 16, got {image_size}")
         model = torchvision.models.vit_b_16(weights=None, image_size=image_size, num_classes=num_classes)
+        with torch.no_grad():  # torchvision zero-initialises the head: every logit and gradient would be 0
+            model.heads.head.weight.normal_(0, 0.02)
     elif name in MODELS:
         model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     else:
