@@ -36,15 +36,15 @@ _active = 0  # groups with at least one holder
 # call at a time). A second group arriving writes them first.
 _exclusive: Group | None = None
 
-# Module type (or "module.QualName" string) -> parameter names on that module that must stay live.
-_keep_rules: dict[Any, frozenset[str]] = {
+# "module.QualName" of a module type -> parameter names on that module (or a subclass) that must stay live.
+_keep_rules: dict[str, frozenset[str]] = {
     "torch.nn.modules.activation.MultiheadAttention": frozenset(
         {"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"}
     ),
 }
 _rule_cache: dict[type, frozenset[str]] = {}
 
-# Per root module: (generation, params to freeze). The generation moves whenever any module anywhere registers a
+# Per root module: (generation, its Group). The generation moves whenever any module anywhere registers a
 # parameter or a submodule (torch's global registration hooks) or a keep rule changes.
 _generation = 0
 _param_cache: weakref.WeakKeyDictionary[Any, tuple[int, Group]] = weakref.WeakKeyDictionary()
@@ -82,23 +82,24 @@ def add_keep_rule(module_type: type | str, *parameter_names: str) -> None:
     """
     if not parameter_names:
         raise ValueError("add_keep_rule needs at least one parameter name")
+    key = _type_name(module_type)
     with _lock:
-        _keep_rules[module_type] = _keep_rules.get(module_type, frozenset()) | frozenset(parameter_names)
+        _keep_rules[key] = _keep_rules.get(key, frozenset()) | frozenset(parameter_names)
         _rule_cache.clear()
     _bump()
 
 
 def remove_keep_rule(module_type: type | str) -> None:
-    """Drop every keep rule registered for ``module_type``."""
+    """Drop every keep rule registered for ``module_type`` (a class or its ``"module.QualName"``)."""
     with _lock:
-        _keep_rules.pop(module_type, None)
+        _keep_rules.pop(_type_name(module_type), None)
         _rule_cache.clear()
     _bump()
 
 
 def keep_rules() -> dict[str, list[str]]:
     """The kernel-preserving rules in force: module type -> parameter names that always stay live."""
-    return {_type_name(k): sorted(v) for k, v in _keep_rules.items()}
+    return {k: sorted(v) for k, v in _keep_rules.items()}
 
 
 def _type_name(t: Any) -> str:
@@ -110,7 +111,7 @@ def _kept_names(cls: type) -> frozenset[str]:
     if names is None:
         names = frozenset()
         for base in cls.__mro__:
-            names |= _keep_rules.get(base, frozenset()) | _keep_rules.get(_type_name(base), frozenset())
+            names |= _keep_rules.get(_type_name(base), frozenset())
         _rule_cache[cls] = names
     return names
 

@@ -234,3 +234,20 @@ def test_keep_rules_are_data_and_extensible():
     with sbpatch.frozen(model):
         assert not model.bn.weight.requires_grad
     assert "kept live" in str(sbpatch.status())
+
+
+def test_removing_the_attention_rule_freezes_uniformly():
+    """README: remove the rule to freeze every parameter (e.g. for DDP without find_unused_parameters)."""
+    model = tiny_vit()
+    attn = model.encoder.layers[0].self_attention
+    names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+    sbpatch.remove_keep_rule(nn.MultiheadAttention)
+    try:
+        assert "torch.nn.modules.activation.MultiheadAttention" not in sbpatch.keep_rules()
+        with sbpatch.frozen(model):
+            assert not attn.in_proj_weight.requires_grad
+    finally:
+        sbpatch.add_keep_rule(nn.MultiheadAttention, *names)
+    with sbpatch.frozen(model):
+        assert attn.in_proj_weight.requires_grad
+    assert sbpatch.keep_rules()["torch.nn.modules.activation.MultiheadAttention"] == sorted(names)
