@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
-from helpers import compare, data, run_python, tiny_cnn, tiny_vit
+from helpers import MODELS, compare, data, run_python, tiny_cnn
 
 import sbpatch
 from sbpatch import freeze, registry
@@ -34,23 +34,6 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 KNOWN_BROKEN: dict[tuple[str, str], str] = {}
 
 
-def vit() -> nn.Module:
-    """``tiny_vit()`` with a live classifier head.
-
-    torchvision zero-initialises ``heads.head.weight``, which makes the logits constant and the input gradient zero
-    (every gradient attack would be trivially identical; L2 momentum divides 0 by 0). Re-initialised only while it is
-    all zeros, so this is a no-op once ``helpers.tiny_vit`` does it itself.
-    """
-    model = tiny_vit()
-    head = model.heads.head
-    if not head.weight.any():
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g))
-    return model
-
-
-MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": tiny_cnn, "vit": vit}
 
 
 def _attack_classes() -> dict[str, type]:

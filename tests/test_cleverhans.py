@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from helpers import compare, data, run_python, tiny_cnn, tiny_vit
+from helpers import MODELS, compare, data, run_python, tiny_cnn
 
 import sbpatch
 from sbpatch import freeze, registry
@@ -33,23 +33,6 @@ KNOWN_BROKEN: dict[tuple[str, str], str] = {
 }
 
 
-def vit() -> nn.Module:
-    """``tiny_vit()`` with a live classifier head.
-
-    torchvision zero-initialises ``heads.head.weight``, which makes the logits constant and the input gradient zero:
-    every attack would be trivially identical and HopSkipJump could never leave the start class. Re-initialised
-    only while it is all zeros, so this is a no-op once ``helpers.tiny_vit`` does it itself.
-    """
-    model = tiny_vit()
-    head = model.heads.head
-    if not head.weight.any():
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g))
-    return model
-
-
-MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": tiny_cnn, "vit": vit}
 
 
 def test_cases_cover_every_attack_function() -> None:
