@@ -176,6 +176,16 @@ def compare(
     return record(Outcome(library, attack, model_name, "identical"))
 
 
+def expect(outcome: Outcome, known_broken: dict[Any, str]) -> None:
+    """Assert ``outcome`` is identical, or library-broken with the error substring ``known_broken`` records for it
+    (keyed by ``(attack, model)`` or by ``attack``): a newly broken or newly fixed case fails the test."""
+    error = known_broken.get((outcome.attack, outcome.model), known_broken.get(outcome.attack))
+    if error is None:
+        assert outcome.result == "identical", outcome
+    else:
+        assert outcome.result == "library-broken" and error in outcome.error, outcome
+
+
 def _restore(models: list[nn.Module], grads: list, modes: list, flags: list | None = None) -> None:
     for i, (m, gs, md) in enumerate(zip(models, grads, modes)):
         for j, (p, g) in enumerate(zip(m.parameters(), gs)):

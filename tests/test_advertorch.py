@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
-from helpers import MODELS, compare, data, run_python, tiny_cnn
+from helpers import MODELS, compare, data, expect, run_python, tiny_cnn
 
 import sbpatch
 from sbpatch import freeze, registry
@@ -78,11 +78,7 @@ def test_identical(attack: str, model_name: str) -> None:
     model = MODELS[model_name]()
     x, y = data()
     outcome = compare("advertorch", attack, model, CASES[attack](model, x, y, 2), model_name)
-    broken = KNOWN_BROKEN.get((attack, model_name))
-    if broken is None:
-        assert outcome.result == "identical", outcome.error
-    else:
-        assert outcome.result == "library-broken" and broken in outcome.error, outcome
+    expect(outcome, KNOWN_BROKEN)
 
 
 # --- the shapes of predict -------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from helpers import MODELS, compare, data, seed_all, tiny_cnn
+from helpers import MODELS, compare, data, expect, seed_all, tiny_cnn
 
 import sbpatch
 from sbpatch import registry
@@ -93,11 +93,7 @@ def test_identical(attack: str, model_name: str) -> None:
     model = MODELS[model_name]()
     x, y = data()
     outcome = compare("art", attack, model, grad_guard(model, CASES[attack](model, x, y, STEPS)), model_name)
-    expected = KNOWN_BROKEN.get((attack, model_name))
-    if expected is None:
-        assert outcome.result == "identical", outcome.error
-    else:
-        assert outcome.result == "library-broken" and expected in outcome.error, outcome
+    expect(outcome, KNOWN_BROKEN)
 
 
 def _classifier(model: nn.Module, optimizer: bool = False) -> Any:

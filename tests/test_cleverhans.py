@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from helpers import MODELS, compare, data, run_python, tiny_cnn
+from helpers import MODELS, compare, data, expect, run_python, tiny_cnn
 
 import sbpatch
 from sbpatch import freeze, registry
@@ -68,11 +68,7 @@ def test_identical(attack: str, model_name: str) -> None:
     outcome = compare(
         "cleverhans", attack, model, CASES[attack](model, x, y, 2), model_name, expect_freeze=attack not in MODEL_FREE
     )
-    broken = KNOWN_BROKEN.get((attack, model_name))
-    if broken is None:
-        assert outcome.result == "identical", outcome.error
-    else:
-        assert outcome.result == "library-broken" and broken in outcome.error, outcome
+    expect(outcome, KNOWN_BROKEN)
 
 
 # --- the shapes of model_fn -------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import MODELS, compare, data, seed_all, tiny_cnn, tiny_vit
+from helpers import MODELS, compare, data, expect, seed_all, tiny_cnn, tiny_vit
 
 import sbpatch
 from sbpatch import freeze, registry
@@ -117,10 +117,7 @@ def test_identical(attack: str, model_name: str) -> None:
         model_name,
         expect_freeze=attack not in NOT_WRAPPED,
     )
-    if attack in KNOWN_BROKEN:
-        assert outcome.result == "library-broken" and KNOWN_BROKEN[attack] in outcome.error, outcome
-    else:
-        assert outcome.result == "identical", outcome
+    expect(outcome, KNOWN_BROKEN)
 
 
 @pytest.mark.parametrize("attack", sorted(set(KNOWN_BROKEN) - NOT_WRAPPED))

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 import torchattacks
-from helpers import MODELS, compare, data, tiny_cnn
+from helpers import MODELS, compare, data, expect, tiny_cnn
 from torch import nn
 
 import sbpatch
@@ -16,7 +16,7 @@ from sbpatch.contrib.torchattacks import cases
 
 CASES = cases()
 # (attack, model) pairs whose unpatched call fails on this stack; none today. A new failure shows up here.
-KNOWN_BROKEN: set[tuple[str, str]] = set()
+KNOWN_BROKEN: dict[tuple[str, str], str] = {}
 
 
 def test_every_exported_attack_has_a_case():
@@ -38,7 +38,7 @@ def test_identical(attack: str, model_name: str):
     x, y = data()
     run = CASES[attack](model, x, y, 2)
     outcome = compare("torchattacks", attack, model, run, model_name, expect_freeze=attack != "LGV")
-    assert (outcome.result == "identical") != ((attack, model_name) in KNOWN_BROKEN), outcome
+    expect(outcome, KNOWN_BROKEN)
 
 
 def test_lgv_trains_unfrozen():
