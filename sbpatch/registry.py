@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import importlib.util
 import logging
 import sys
 import threading
@@ -20,6 +19,7 @@ import wrapt
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from sbpatch._table import format_table
 from sbpatch.errors import ConfigError, DidNotEnable, SbpatchWarning
 from sbpatch.patching import AppliedTarget, Counters, Integration
 
@@ -34,11 +34,6 @@ INTEGRATIONS: dict[str, str] = {
     "deeprobust": "sbpatch.contrib.deeprobust",
     "cleverhans": "sbpatch.contrib.cleverhans",
 }
-
-
-def available() -> list[str]:
-    """The library names sbpatch knows, whose contrib module exists in this installation."""
-    return [name for name, mod in INTEGRATIONS.items() if importlib.util.find_spec(mod) is not None]
 
 
 @dataclass
@@ -81,10 +76,7 @@ class StatusReport(dict):
                     str(s.unlocated),
                 )
             )
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-        lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines = format_table(headers, rows)
         for s in self.values():
             for target, reason in s.skipped.items():
                 lines.append(f"skipped {target}: {reason}")

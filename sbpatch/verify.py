@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sbpatch import registry
+from sbpatch._table import format_table
 from sbpatch.freeze import held_count
 from sbpatch.patching import paused
 
@@ -82,9 +83,7 @@ class VerifyReport(list):
             else (r.library, r.attack, r.result, "-", "-", r.error[:60])
             for r in self
         ]
-        widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        lines = format_table(headers, rows)
         counts = {k: sum(r.result == k for r in self) for k in ("identical", "DIFFERENT", "library-broken")}
         lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
         return "\n".join(lines)

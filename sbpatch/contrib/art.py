@@ -31,6 +31,7 @@ evasion attack).
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -94,6 +95,7 @@ def _victim(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]
     return modules
 
 
+@functools.cache
 def _training_class(cls: type) -> str | None:
     for base in cls.__mro__:
         if base.__name__ in _TRAINING_BASES and base.__module__ == "art.attacks.attack":
