@@ -2,7 +2,9 @@
 
 Every attack class derives from ``advertorch.attacks.base.Attack`` and defines its own ``perturb`` (``__call__`` only
 forwards to it); the victim is ``self.predict``, any callable: the module, a bound method (``net.forward``), a lambda
-or closure over the module, a ``functools.partial``. :func:`sbpatch.locate.find_modules` looks through all of them.
+or closure over the module, a ``functools.partial``, a callable object holding it in an attribute (``self.net``).
+:func:`sbpatch.locate.find_modules` looks through all of them; a call with no module found runs unpatched and warns
+once per patched method (``SbpatchWarning``).
 ``perturb`` is wrapped on ``Attack`` and on every subclass that defines it in its own ``__dict__`` (``FABAttack``'s
 Linf/L2/L1 variants inherit it), including subclasses defined later (a user's own attack). ``ChooseBestAttack``
 calls its base adversaries' ``perturb``: those nested calls are frozen too (the ledger makes that cheap).

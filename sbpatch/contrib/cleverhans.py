@@ -1,8 +1,12 @@
 """cleverhans (4.x, torch attacks): the module functions in ``cleverhans.torch.attacks.*``; the model is ``model_fn``.
 
 Each attack is a plain function whose first argument (or ``model_fn=``) is the model: an ``nn.Module``, a bound method
-(``net.forward``), a ``functools.partial``, or a lambda/closure over the module; :func:`sbpatch.locate.find_modules`
-looks through all of them. One target per function, with ``rebind=True``: ``projected_gradient_descent`` calls
+(``net.forward``), a ``functools.partial``, a lambda/closure over the module (``lambda x: self.net(x)``), or a callable
+object holding it in an attribute (a ``Normalized`` wrapper with ``self.net``); :func:`sbpatch.locate.find_modules`
+looks through all of them, following only what the call's code loads. A call with no module found runs unpatched and
+warns once per function (``SbpatchWarning``).
+
+One target per function, with ``rebind=True``: ``projected_gradient_descent`` calls
 ``fast_gradient_method`` through the name it imported into its own module globals, and ``spsa`` calls itself once
 per sample through its module global, so those references must hold the wrapper too (nested calls are frozen and
 counted, the ledger makes them cheap).
