@@ -54,6 +54,10 @@ class Target:
     rebind: for a function, also replace the references the library's own modules bound by name
         (``from .fgm import fast_gradient_method``).
     keep: parameters that must stay live during the call.
+    context: ``(wrapped, instance, args, kwargs) -> context manager`` entered around each frozen call, before the
+        parameters are frozen (it sees them as the caller left them): what a library needs besides frozen
+        parameters, e.g. OpenAttack's hooked embedding output made to require grad. If building or entering it
+        fails, the call runs unpatched.
     """
 
     module: str
@@ -64,6 +68,7 @@ class Target:
     pass_instance: Callable[[Any], str | None] | None = None
     rebind: bool = False
     keep: Keeper | None = None
+    context: Callable[[Any, Any, tuple, dict], contextlib.AbstractContextManager[Any]] | None = None
 
     @property
     def name(self) -> str:
@@ -116,11 +121,15 @@ class Patch:
             setattr(self.owner, self.attr, self.original)
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def make_wrapper(target: Target, counters: Counters) -> Callable[..., Any]:
     """The wrapt wrapper function for ``target``: gate, locate, freeze, call, restore."""
     locate = target.locate
     keep = target.keep
     pass_instance = target.pass_instance
+    context = target.context
     call_frozen = freeze.call_frozen
 
     def sbpatch_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -140,8 +149,18 @@ def make_wrapper(target: Target, counters: Counters) -> Callable[..., Any]:
                 log.debug("sbpatch: no nn.Module found for a call of %s; running it unpatched", target.name)
             counters.unlocated += 1
             return wrapped(*args, **kwargs)
+        entered: contextlib.AbstractContextManager[Any] = _NO_CONTEXT
+        if context is not None:
+            entered = contextlib.ExitStack()
+            try:
+                entered.enter_context(context(wrapped, instance, args, kwargs))
+            except Exception:  # never break the user's call: run it as shipped
+                log.warning("sbpatch: preparing %s failed; running it unpatched", target.name, exc_info=True)
+                counters.unlocated += 1
+                return wrapped(*args, **kwargs)
         counters.calls += 1
-        return call_frozen(modules, kept, wrapped, args, kwargs)
+        with entered:
+            return call_frozen(modules, kept, wrapped, args, kwargs)
 
     return sbpatch_wrapper
 
