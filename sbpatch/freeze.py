@@ -2,55 +2,85 @@
 
 This module knows nothing about attack libraries. It imports torch lazily, so ``import sbpatch`` stays cheap.
 
-Rules (DESIGN.md section 4):
+Rules (docs/architecture.md, docs/kernels.md):
 
-* a reference-counted ledger keyed by parameter identity, guarded by one lock: the first holder of a parameter that
-  requires grad sets it to False, the last holder to leave sets it back to True;
-* the parameters of a module are a cached :class:`Group`; a call whose group is already held (nested attacks,
-  a library's gradient method inside its own ``generate``) only counts itself, so the hot path stays cheap;
+* the parameters of a module are a cached :class:`Group` (weak references only: a cache never keeps a model
+  alive); a call whose group is already held (nested attacks) only adds its holder;
+* while one group is held alone (the hot path: one attack at a time) its parameters are flipped without any ledger
+  writes; a second group arriving moves them into a ledger keyed by parameter identity, where each parameter
+  records the set of groups that hold it; the last one to leave restores ``requires_grad=True``;
 * a parameter that does not require grad when a holder arrives (frozen by the user) is never touched;
-* kernel-preserving rules: parameters whose ``requires_grad`` changes the kernel PyTorch picks stay live
-  (``nn.MultiheadAttention``'s in-projections, see :func:`add_keep_rule`).
+* every step is written so that an asynchronous exception (KeyboardInterrupt from a signal handler) landing at any
+  bytecode leaves a state that a second :func:`release` finishes: registrations are sets (idempotent), and a
+  restoration is marked done only after it happened;
+* kernel-preserving rules keep live the weights whose ``requires_grad`` changes the kernel PyTorch runs, learned
+  from what the model actually does: during a frozen call a forward pre-hook on each ``nn.Linear`` (and on each
+  ``nn.MultiheadAttention`` with ``batch_first=False``) makes its weight live again, before the layer runs, when its
+  input cannot be folded into one matrix without a copy (torch's ``should_fold``); the weight then stays live for
+  that module's later calls. ``nn.MultiheadAttention(batch_first=True)`` keeps its in-projections live from the
+  start (its transposed input, and the fused fast path decided before any hook runs). Users add static rules with
+  :func:`add_keep_rule`. Kept parameters' ``.grad`` is set aside for the call and put back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import keyword
 import logging
 import threading
+import warnings
 import weakref
-from collections.abc import Callable, Iterable
-from itertools import repeat
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from sbpatch.errors import SbpatchWarning
 
 log = logging.getLogger("sbpatch")
 
 _lock = threading.Lock()
-# id(param) -> holders, for every parameter sbpatch set to False. A holding Group keeps the parameter alive, so its
-# id stays unique while it is counted here.
-_ledger: dict[int, int] = {}
-# id(param) -> [holders, saved .grad]: live parameters (kernel-preserving rules) whose .grad is set aside.
+# id(param) -> [param, set of holding Groups]: parameters sbpatch set to False while several groups are active.
+_ledger: dict[int, list[Any]] = {}
+# id(param) -> [param, set of guarding Groups, saved .grad]: live (kept) parameters whose .grad is set aside.
 _guards: dict[int, list[Any]] = {}
-_active = 0  # groups with at least one holder
-# The only active group, while it is alone: its parameters are not written to the ledger (the hot path: one attack
-# call at a time). A second group arriving writes them first.
+# id(param) -> [param, saved .grad]: frozen parameters a run-time rule made live again during the call.
+_promoted: dict[int, list[Any]] = {}
+_active: set[Group] = set()  # groups with at least one holder
+# The only active group, while it is alone: its parameters are not written to the ledger.
 _exclusive: Group | None = None
 
-# "module.QualName" of a module type -> parameter names on that module (or a subclass) that must stay live.
-_keep_rules: dict[str, frozenset[str]] = {
-    "torch.nn.modules.activation.MultiheadAttention": frozenset(
-        {"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"}
-    ),
-}
+# "module.QualName" of a module type -> parameter names on that module (or a subclass) that always stay live.
+_keep_rules: dict[str, frozenset[str]] = {}
 _rule_cache: dict[type, frozenset[str]] = {}
+_rule_warned: set[tuple[str, str]] = set()
+
+# id(param) -> (weak reference, reason): parameters a run-time rule found must stay live. Weak: never keeps a model
+# alive (a WeakKeyDictionary cannot hold tensors: its lookups compare keys with ==).
+_learned: dict[int, tuple[Any, str]] = {}
+# What was kept live and why, for status() and verify: "Model.sub.weight" -> reason (most recent last, bounded).
+_kept_log: OrderedDict[str, str] = OrderedDict()
+_KEPT_LOG_MAX = 1000
 
 # Per root module: (generation, its Group). The generation moves whenever any module anywhere registers a
-# parameter or a submodule (torch's global registration hooks) or a keep rule changes.
+# parameter or a submodule (torch's global registration hooks), a keep rule changes, or a rule learns a weight.
 _generation = 0
 _param_cache: weakref.WeakKeyDictionary[Any, tuple[int, Group]] = weakref.WeakKeyDictionary()
 _hooks_installed = False
 _freeze_failed = False  # warned once
 _torch: Any = None
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+FOLD_REASON = (
+    "nn.Linear fed a non-foldable {dim}-D input (shape {shape}, strides {strides}): torch.matmul folds it into "
+    "one mm only while the weight requires grad, else runs bmm, which rounds differently"
+)
+MHA_REASON = (
+    "nn.MultiheadAttention(batch_first=True): its in-projection sees a transposed input (mm vs bmm) and its fused "
+    "fast path is taken only when no projection weight requires grad"
+)
+MHA_FOLD_REASON = "nn.MultiheadAttention fed a non-foldable {dim}-D input (shape {shape}): mm vs bmm in-projection"
 
 
 def _bump(*_: Any) -> None:
@@ -74,15 +104,25 @@ def _ensure_torch() -> Any:
     return _torch
 
 
+# --- user rules ----------------------------------------------------------------------------------------------
+
+
 def add_keep_rule(module_type: type | str, *parameter_names: str) -> None:
     """Keep ``parameter_names`` of every ``module_type`` (or subclass) live whenever sbpatch freezes a model.
 
-    ``module_type`` is a class or its ``"module.QualName"``. Use it for any layer whose kernel choice depends on
-    whether a weight requires grad (check a suspect with ``sbpatch verify``).
+    ``module_type`` is an ``nn.Module`` subclass or its qualified name ``"package.module.ClassName"``. Use it for a
+    layer whose kernel depends on whether a weight requires grad and that the built-in run-time rules do not see
+    (a custom layer calling ``x @ self.weight`` on a transposed input; check a suspect with ``sbpatch verify``).
+    A name that the matched modules do not have is warned about once, when it first fails to match.
     """
-    if not parameter_names:
-        raise ValueError("add_keep_rule needs at least one parameter name")
     key = _type_name(module_type)
+    if not parameter_names:
+        raise ValueError("add_keep_rule needs at least one parameter name, e.g. add_keep_rule(MyLayer, 'weight')")
+    for name in parameter_names:
+        if not isinstance(name, str):
+            raise TypeError(f"parameter names must be strings, got {type(name).__name__} {name!r}")
+        if not name.isidentifier() or keyword.iskeyword(name):
+            raise ValueError(f"{name!r} is not a parameter name (a Python identifier such as 'weight')")
     with _lock:
         _keep_rules[key] = _keep_rules.get(key, frozenset()) | frozenset(parameter_names)
         _rule_cache.clear()
@@ -90,20 +130,49 @@ def add_keep_rule(module_type: type | str, *parameter_names: str) -> None:
 
 
 def remove_keep_rule(module_type: type | str) -> None:
-    """Drop every keep rule registered for ``module_type`` (a class or its ``"module.QualName"``)."""
+    """Drop every keep rule registered for ``module_type`` (a class or its qualified name)."""
+    key = _type_name(module_type)
     with _lock:
-        _keep_rules.pop(_type_name(module_type), None)
+        _keep_rules.pop(key, None)
         _rule_cache.clear()
     _bump()
 
 
 def keep_rules() -> dict[str, list[str]]:
-    """The kernel-preserving rules in force: module type -> parameter names that always stay live."""
+    """The user's static keep rules: module type -> parameter names that always stay live."""
     return {k: sorted(v) for k, v in _keep_rules.items()}
 
 
+def builtin_rules() -> dict[str, str]:
+    """The built-in kernel-preserving rules, applied at run time: module type -> when its weights stay live."""
+    return {
+        "torch.nn.modules.linear.Linear": "weight live when the layer is fed a >=3-D input whose leading dimensions "
+        "cannot be folded without a copy (e.g. after transpose/permute)",
+        "torch.nn.modules.activation.MultiheadAttention": "in-projection weights live when batch_first=True, or "
+        "when fed a non-foldable input",
+    }
+
+
+def kept_live() -> dict[str, str]:
+    """Parameters sbpatch kept live so far in this process (``"Model.path.weight"`` -> why), most recent last."""
+    with _lock:
+        return dict(_kept_log)
+
+
 def _type_name(t: Any) -> str:
-    return t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"
+    if isinstance(t, str):
+        if "." not in t or not all(part.isidentifier() for part in t.split(".")):
+            raise ValueError(
+                f"{t!r}: name the module type by its class or its qualified name 'package.module.ClassName' "
+                "(e.g. 'torch.nn.modules.linear.Linear')"
+            )
+        return t
+    if not isinstance(t, type):
+        raise TypeError(f"module_type must be an nn.Module subclass or its qualified name, got {type(t).__name__}")
+    torch = _ensure_torch()
+    if not issubclass(t, torch.nn.Module):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {t.__qualname__}")
+    return f"{t.__module__}.{t.__qualname__}"
 
 
 def _kept_names(cls: type) -> frozenset[str]:
@@ -111,46 +180,241 @@ def _kept_names(cls: type) -> frozenset[str]:
     if names is None:
         names = frozenset()
         for base in cls.__mro__:
-            names |= _keep_rules.get(_type_name(base), frozenset())
+            names |= _keep_rules.get(f"{base.__module__}.{base.__qualname__}", frozenset())
         _rule_cache[cls] = names
     return names
 
 
+def _note_kept(name: str, reason: str) -> None:
+    _kept_log.pop(name, None)
+    _kept_log[name] = reason
+    while len(_kept_log) > _KEPT_LOG_MAX:
+        _kept_log.popitem(last=False)
+
+
+# --- groups --------------------------------------------------------------------------------------------------
+
+
+class Holder:
+    """One acquisition (one frozen call): the groups it holds. ``done`` once fully released."""
+
+    __slots__ = ("__weakref__", "done", "groups")
+
+    def __init__(self) -> None:
+        self.groups: list[Group] = []
+        self.done = False
+
+
 class Group:
-    """Parameters frozen together (one module's, cached), and what the current holders of the group own."""
+    """Parameters frozen together (one module's, cached), by weak reference, and their current holders."""
 
-    __slots__ = ("count", "guarded", "owned", "params", "saved")
+    __slots__ = ("__weakref__", "holders", "key", "kept", "owned", "probes", "refs")
 
-    def __init__(self, params: tuple[Any, ...], guarded: tuple[Any, ...]) -> None:
-        self.params = params  # to freeze
-        self.guarded = guarded  # kept live by the kernel-preserving rules: .grad set aside
-        self.count = 0  # holders of this group right now
-        self.owned: list[Any] = []  # parameters this group counted in the ledger
-        self.saved: list[Any] = []  # guarded parameters this group counted in _guards
+    def __init__(self, params: Iterable[Any], kept: Iterable[Any] = ()) -> None:
+        self.refs = tuple(map(weakref.ref, params))  # to freeze
+        self.kept = tuple(map(weakref.ref, kept))  # kept live by the rules: .grad set aside
+        self.probes: tuple[tuple[Any, _Probe], ...] = ()  # (weakref to submodule, its pre-hook)
+        self.holders: set[Holder] = set()
+        self.owned: list[Any] = []  # parameters this group set to False while exclusive
+        self.key = ("sbpatch", id(self))
+
+
+class _Probe:
+    """Forward pre-hook installed during a frozen call: makes weights live when the input would change the kernel."""
+
+    __slots__ = ("group", "has_bias", "mha", "name", "names")
+
+    def __init__(self, group: Group, name: str, names: tuple[str, ...], has_bias: bool, mha: bool) -> None:
+        self.group = weakref.ref(group)
+        self.name = name
+        self.names = names
+        self.has_bias = has_bias
+        self.mha = mha
+
+    def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
+        group = self.group()
+        if group is None or not group.holders:  # a stale copy (deepcopy during an attack): inert
+            return None
+        if self.mha:
+            inputs = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")[len(args) :]]
+        else:
+            inputs = [args[0] if args else kwargs.get("input")]
+        for x in inputs:
+            if _torch is not None and isinstance(x, _torch.Tensor) and not _foldable(x, self.has_bias):
+                template = MHA_FOLD_REASON if self.mha else FOLD_REASON
+                reason = template.format(dim=x.dim(), shape=tuple(x.shape), strides=tuple(x.stride()))
+                for pname in self.names:
+                    p = getattr(module, pname, None)
+                    if p is not None and not p.requires_grad:
+                        _promote(p, f"{self.name}.{pname}", reason)
+                break
+        return None
+
+    # A model deep-copied or pickled during an attack must not carry sbpatch's state along.
+    def __deepcopy__(self, memo: dict) -> _Probe:
+        return self
+
+    def __copy__(self) -> _Probe:
+        return self
+
+    def __reduce__(self) -> Any:
+        return (_inert_probe, ())
+
+
+def _inert_probe() -> Callable[..., None]:
+    return _noop
+
+
+def _noop(*_: Any) -> None:
+    return None
+
+
+def _foldable(x: Any, has_bias: bool) -> bool:
+    """Whether ``F.linear(x, w)`` runs the same kernel whatever ``w.requires_grad`` is (torch's ``should_fold``)."""
+    dim = x.dim()
+    if dim < 3:
+        return True
+    if has_bias and x.is_contiguous():  # at::linear's _flatten_nd_linear path
+        return True
+    if x.numel() == 0:
+        return True
+    sizes, strides = x.shape, x.stride()
+    return all(strides[i] == strides[i + 1] * sizes[i + 1] for i in range(dim - 2))
 
 
 def _module_group(module: Any) -> Group:
-    """The cached :class:`Group` of ``module``: its parameters, de-duplicated, split by the keep rules."""
+    """The cached :class:`Group` of ``module``: its parameters, de-duplicated, split by the rules."""
     cached = _param_cache.get(module)
     if cached is not None and cached[0] == _generation and _hooks_installed:
         return cached[1]
+    torch = _ensure_torch()
+    linear, mha = torch.nn.Linear, torch.nn.MultiheadAttention
     generation = _generation
+    root = type(module).__name__
     seen: set[int] = set()
     frozen_: list[Any] = []
     kept_: list[Any] = []
-    for sub in module.modules():
-        kept = _kept_names(type(sub))
-        for name, p in sub._parameters.items():
+    kept_why: list[tuple[str, str]] = []
+    probes: list[tuple[Any, str, tuple[str, ...], bool, bool]] = []
+    learned = _learned
+    for mname, sub in module.named_modules():
+        user = _kept_names(type(sub))
+        static: tuple[str, ...] = ()
+        probe_names: tuple[str, ...] = ()
+        if isinstance(sub, mha):
+            present = tuple(n for n in _MHA_WEIGHTS if getattr(sub, n, None) is not None)
+            if sub.batch_first:
+                static = present
+            else:
+                probe_names = present
+        elif isinstance(sub, linear):
+            probe_names = ("weight",)
+        params = sub._parameters
+        if user:
+            for name in user - set(params):
+                _warn_rule(type(sub), name, params.keys())
+        prefix = f"{root}.{mname}." if mname else f"{root}."
+        probe_live = False
+        for name, p in params.items():
             if p is None or id(p) in seen:
                 continue
             seen.add(id(p))
-            (kept_ if name in kept else frozen_).append(p)
-    group = Group(tuple(frozen_), tuple(kept_))
+            if name in user:
+                kept_.append(p)
+                kept_why.append((prefix + name, "user keep rule (add_keep_rule)"))
+            elif name in static:
+                kept_.append(p)
+                kept_why.append((prefix + name, MHA_REASON))
+            elif learned and (hit := learned.get(id(p))) is not None and hit[0]() is p:
+                kept_.append(p)
+                kept_why.append((prefix + name, hit[1]))
+            else:
+                frozen_.append(p)
+                if name in probe_names:
+                    probe_live = True
+        if probe_live:
+            bias = sub.in_proj_bias if isinstance(sub, mha) else sub.bias
+            probes.append((sub, prefix.rstrip("."), probe_names, bias is not None, isinstance(sub, mha)))
+    group = Group(frozen_, kept_)
+    group.probes = tuple((weakref.ref(sub), _Probe(group, *spec)) for sub, *spec in probes)
+    for name, reason in kept_why:
+        _note_kept(name, reason)
     try:
         _param_cache[module] = (generation, group)
     except TypeError:  # not weak-referenceable
         pass
     return group
+
+
+def _warn_rule(cls: type, name: str, present: Iterable[str]) -> None:
+    key = (f"{cls.__module__}.{cls.__qualname__}", name)
+    if key not in _rule_warned:
+        _rule_warned.add(key)
+        warnings.warn(
+            f"sbpatch: keep rule for {cls.__qualname__} names {name!r}, which it does not have "
+            f"(its parameters: {', '.join(present) or 'none'})",
+            SbpatchWarning,
+            stacklevel=4,
+        )
+
+
+# --- validating what users pass ------------------------------------------------------------------------------
+
+_ACCEPTED = "nn.Module objects, parameters (leaf tensors), or iterables of them (e.g. model.parameters())"
+
+
+def targets_of(items: Iterable[Any], what: str = "frozen()") -> list[Any]:
+    """Flatten and check what to freeze: modules and leaf tensors, materialised once. Raises TypeError/ValueError."""
+    torch = _ensure_torch()
+    out: list[Any] = []
+
+    def add(t: Any, depth: int) -> None:
+        if isinstance(t, torch.nn.Module):
+            out.append(t)
+        elif isinstance(t, torch.Tensor):
+            if not t.is_leaf:
+                raise ValueError(f"{what}: got a non-leaf tensor (a computed value); pass the parameter itself")
+            out.append(t)
+        elif t is None or isinstance(t, (str, bytes, int, float, bool)):
+            raise TypeError(f"{what}: cannot freeze {type(t).__name__} {t!r}; pass {_ACCEPTED}")
+        elif isinstance(t, Mapping):
+            values = list(t.values())
+            if not all(isinstance(v, torch.nn.Parameter) for v in values):
+                raise TypeError(
+                    f"{what}: got a mapping of tensors (a state_dict?): it holds detached copies, not the "
+                    f"parameters; pass the module or module.parameters()"
+                )
+            out.extend(values)
+        elif isinstance(t, tuple) and len(t) == 2 and isinstance(t[0], str):  # a named_parameters() pair
+            add(t[1], depth)
+        elif isinstance(t, Iterable) and depth < 3:
+            for item in list(t):
+                add(item, depth + 1)
+        else:
+            raise TypeError(f"{what}: cannot freeze {type(t).__name__}; pass {_ACCEPTED}")
+
+    for item in items:
+        add(item, 0)
+    return out
+
+
+def keep_of(keep: Any) -> tuple[Any, ...]:
+    """Normalise ``keep=``: one name, parameter or module, or an iterable of them (materialised once)."""
+    torch = _ensure_torch()
+    if isinstance(keep, (str, torch.Tensor, torch.nn.Module)):
+        return (keep,)
+    if keep is None:
+        return ()
+    if not isinstance(keep, Iterable) or isinstance(keep, (bytes, Mapping)):
+        raise TypeError(f"keep=: pass parameter or submodule names, parameters or modules, got {type(keep).__name__}")
+    items = []
+    for item in list(keep):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):  # named_parameters() pair
+            item = item[1]
+        if not isinstance(item, (str, torch.Tensor, torch.nn.Module)):
+            raise TypeError(f"keep=: cannot keep {type(item).__name__} {item!r}; pass names, parameters or modules")
+        items.append(item)
+    return tuple(items)
 
 
 def _resolve_keep(roots: list[Any], keep: Iterable[Any]) -> set[int]:
@@ -175,142 +439,228 @@ def _resolve_keep(roots: list[Any], keep: Iterable[Any]) -> set[int]:
                 raise ValueError(f"keep={item!r} names no parameter or submodule of the frozen modules")
         elif isinstance(item, torch.nn.Module):
             ids.update(id(p) for p in item.parameters())
-        elif isinstance(item, torch.Tensor):
-            ids.add(id(item))
         else:
-            ids.update(id(p) for p in item)
+            ids.add(id(item))
     return ids
 
 
 def collect(targets: Iterable[Any], keep: Iterable[Any] = ()) -> list[Group]:
     """The groups of parameters that freezing ``targets`` concerns (before looking at their current flags).
 
-    ``targets``: modules (DDP/FSDP wrappers included), parameters, or iterables of parameters. ``keep``: parameters,
-    modules, or names (relative to a target module) of parameters or submodules that stay live. Plain modules with
-    no ``keep`` give their cached group; anything else gives one new group.
+    ``targets``: modules (DDP/FSDP wrappers included) and parameters (see :func:`targets_of`). ``keep``:
+    parameters, modules, or names (relative to a target module) that stay live. Plain modules with no ``keep`` give
+    their cached group; anything else gives one new group.
     """
     torch = _ensure_torch()
     module_type = torch.nn.Module
     if not keep and all(isinstance(t, module_type) for t in targets):
         return [_module_group(t) for t in targets]
-    roots: list[Any] = []
-    for t in targets:
-        if isinstance(t, (module_type, torch.Tensor)):
-            roots.append(t)
-        elif isinstance(t, Iterable):
-            roots.extend(t)
-        else:
-            raise TypeError(f"cannot freeze {type(t).__name__}: pass nn.Modules, parameters or iterables of them")
+    roots = targets_of(targets)
     params: list[Any] = []
-    guarded: list[Any] = []
+    kept: list[Any] = []
     seen: set[int] = set()
+    probes: list[tuple[Any, _Probe]] = []
     for r in roots:
         if isinstance(r, module_type):
             group = _module_group(r)
-            members, kept = group.params, group.guarded
+            members = [p for p in map(_deref, group.refs) if p is not None]
+            kept_members = [p for p in map(_deref, group.kept) if p is not None]
+            probes.extend(group.probes)
         else:
-            members, kept = (r,), ()
+            members, kept_members = [r], []
         for p in members:
             if id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-        for p in kept:
+        for p in kept_members:
             if id(p) not in seen:
                 seen.add(id(p))
-                guarded.append(p)
+                kept.append(p)
     if keep:
         kept_ids = _resolve_keep(roots, keep)
         params = [p for p in params if id(p) not in kept_ids]
-    return [Group(tuple(params), tuple(guarded))]
+    group = Group(params, kept)
+    group.probes = tuple((sub, _Probe(group, pr.name, pr.names, pr.has_bias, pr.mha)) for sub, pr in probes)
+    return [group]
 
 
-def acquire(groups: Iterable[Group], held: list[Group]) -> None:
-    """Freeze ``groups`` for one holder, appending each group it now holds to ``held``.
+def _deref(ref: Any) -> Any:
+    return ref()
 
-    A group already held only counts the new holder. Otherwise each of its parameters that requires grad is set to
-    False (or, if another group froze it, counted). Guarded parameters (kernel-preserving rules) stay live but still
-    receive weight gradients from a ``backward()``, so their ``.grad`` is set aside (the same tensor object,
-    untouched) and put back on release. ``held`` is filled as it goes, so a caller that releases it in ``finally``
-    restores even after an interruption.
+
+# --- acquire / release ---------------------------------------------------------------------------------------
+
+
+def acquire(groups: Iterable[Group], holder: Holder) -> None:
+    """Freeze ``groups`` for ``holder``. A group already held only records the new holder.
+
+    Written so that an exception landing at any point leaves what :func:`release` undoes: the holder is
+    registered before anything is frozen, and only what was registered gets restored.
     """
-    global _active, _exclusive
     with _lock:
         for group in groups:
-            held.append(group)
-            group.count += 1
-            if group.count > 1:
+            if holder in group.holders:
                 continue
-            owned = group.owned
-            if not _active:  # nothing else frozen: no ledger needed
-                _exclusive = group
-                owned.extend([p for p in group.params if p.requires_grad])
-                for p in owned:
-                    p.requires_grad = False
-            else:
-                if _exclusive is not None:
-                    _ledger.update(zip(map(id, _exclusive.owned), repeat(1)))
-                    _exclusive = None
-                _acquire_counted(group.params, owned)
-            _active += 1
-            for p in group.guarded:
-                key = id(p)
-                entry = _guards.get(key)
-                if entry is not None:
-                    entry[0] += 1
-                    group.saved.append(p)
-                elif p.requires_grad:
-                    _guards[key] = [1, p.grad]
-                    group.saved.append(p)
-                    p.grad = None
+            holder.groups.append(group)
+            group.holders.add(holder)
+            if len(group.holders) == 1:
+                _freeze(group)
 
 
-def _acquire_counted(params: tuple[Any, ...], owned: list[Any]) -> None:
-    ledger = _ledger
-    for p in params:
-        key = id(p)
-        holders = ledger.get(key)
-        if holders is not None:
-            ledger[key] = holders + 1
-            owned.append(p)
-        elif p.requires_grad:
-            ledger[key] = 1
-            owned.append(p)
+def _freeze(group: Group) -> None:
+    global _exclusive
+    if not _active:  # nothing else frozen: no ledger needed
+        _active.add(group)
+        _exclusive = group
+        owned = [p for r in group.refs if (p := r()) is not None and p.requires_grad]
+        group.owned = owned
+        for p in owned:
             p.requires_grad = False
-
-
-def release(held: list[Group]) -> None:
-    """Give back what :func:`acquire` took; the last holder of a parameter restores ``requires_grad=True``."""
-    global _active, _exclusive
-    ledger = _ledger
-    with _lock:
-        while held:
-            group = held.pop()
-            group.count -= 1
-            if group.count:
+    else:
+        if _exclusive is not None:
+            _migrate(_exclusive)
+            _exclusive = None
+        _active.add(group)
+        ledger = _ledger
+        for r in group.refs:
+            p = r()
+            if p is None:
                 continue
-            _active -= 1
-            owned, group.owned = group.owned, []
-            if group is _exclusive or not _active:  # alone: every parameter it owns is held once, by it
-                _exclusive = None
-                ledger.clear()
-                for p in owned:
-                    p.requires_grad = True
-                owned = []
+            key = id(p)
+            entry = ledger.get(key)
+            if entry is not None:
+                if not entry[1]:  # an interrupted restoration left it: freeze again
+                    p.requires_grad = False
+                entry[1].add(group)
+            elif p.requires_grad:
+                ledger[key] = [p, {group}]
+                p.requires_grad = False
+    for r in group.kept:
+        p = r()
+        if p is None:
+            continue
+        key = id(p)
+        entry = _guards.get(key)
+        if entry is not None:
+            if not entry[1]:
+                p.grad = None
+            entry[1].add(group)
+        elif p.requires_grad:
+            _guards[key] = [p, {group}, p.grad]
+            p.grad = None
+    key = group.key
+    for ref, probe in group.probes:
+        sub = ref()
+        if sub is not None:
+            sub._forward_pre_hooks[key] = probe
+            sub._forward_pre_hooks_with_kwargs[key] = True
+
+
+def _migrate(group: Group) -> None:
+    """Write the exclusive group's parameters into the ledger (idempotent), before a second group joins."""
+    ledger = _ledger
+    for p in group.owned:
+        key = id(p)
+        entry = ledger.get(key)
+        if entry is None:
+            ledger[key] = [p, {group}]
+        else:
+            entry[1].add(group)
+
+
+def release(holder: Holder) -> None:
+    """Give back what :func:`acquire` took for ``holder``; idempotent, so an interrupted release can be finished."""
+    with _lock:
+        groups = holder.groups
+        while groups:
+            group = groups[-1]
+            if holder in group.holders:
+                if len(group.holders) == 1:
+                    _unfreeze(group)
+                group.holders.discard(holder)
+            groups.pop()
+        holder.done = True
+
+
+def _unfreeze(group: Group) -> None:
+    global _exclusive
+    key = group.key
+    for ref, _ in group.probes:
+        sub = ref()
+        if sub is not None:
+            sub._forward_pre_hooks.pop(key, None)
+            sub._forward_pre_hooks_with_kwargs.pop(key, None)
+    for r in group.kept:
+        p = r()
+        if p is None:
+            continue
+        entry = _guards.get(id(p))
+        if entry is not None and (group in entry[1] or not entry[1]):
+            entry[1].discard(group)
+            if not entry[1]:
+                p.grad = entry[2]
+                del _guards[id(p)]
+    if group is _exclusive:
+        owned = group.owned
+        for p in owned:
+            p.requires_grad = True
+        if _promoted:
             for p in owned:
-                key = id(p)
-                holders = ledger[key] - 1
-                if holders:
-                    ledger[key] = holders
-                else:
-                    del ledger[key]
-                    p.requires_grad = True
-            saved, group.saved = group.saved, []
-            for p in saved:
-                entry = _guards[id(p)]
-                entry[0] -= 1
-                if not entry[0]:
-                    del _guards[id(p)]
-                    p.grad = entry[1]
+                _unpromote(p)
+        if _ledger:  # a second group's arrival was interrupted half-way through the migration
+            _release_counted(group, [(id(p), p) for p in owned])
+        _exclusive = None
+    else:
+        _release_counted(group, [(id(p), p) for r in group.refs if (p := r()) is not None])
+    group.owned = []
+    _active.discard(group)
+
+
+def _release_counted(group: Group, params: list[tuple[int, Any]]) -> None:
+    ledger = _ledger
+    for key, p in params:
+        entry = ledger.get(key)
+        if entry is None:
+            continue
+        holders = entry[1]
+        if group in holders or not holders:
+            holders.discard(group)
+            if not holders:
+                p.requires_grad = True
+                if _promoted:
+                    _unpromote(p)
+                del ledger[key]
+
+
+def _unpromote(p: Any) -> None:
+    entry = _promoted.get(id(p))
+    if entry is not None:
+        p.grad = entry[1]
+        del _promoted[id(p)]
+
+
+def _frozen_by_sbpatch(p: Any) -> bool:
+    entry = _ledger.get(id(p))
+    if entry is not None:
+        return bool(entry[1])
+    exclusive = _exclusive
+    return exclusive is not None and any(q is p for q in exclusive.owned)
+
+
+def _promote(p: Any, name: str, reason: str) -> None:
+    """Make a parameter sbpatch froze live again for the rest of the call (a run-time rule); remember it."""
+    with _lock:
+        if p.requires_grad or not _frozen_by_sbpatch(p):
+            return
+        if id(p) not in _promoted:
+            _promoted[id(p)] = [p, p.grad]
+            p.grad = None
+        p.requires_grad = True
+        _note_kept(name, reason)
+    key = id(p)
+    _learned[key] = (weakref.ref(p, lambda _, key=key: _learned.pop(key, None)), reason)
+    _bump()
+    log.debug("sbpatch: kept %s live: %s", name, reason)
 
 
 def held_count() -> int:
@@ -320,21 +670,42 @@ def held_count() -> int:
         return len(_ledger) + exclusive + len(_guards)
 
 
+_comm_free_fn: Any = None
+
+
+def _comm_free(targets: Iterable[Any]) -> Any:
+    """A context in which a DDP wrapper among ``targets`` does no gradient or buffer communication."""
+    global _comm_free_fn
+    if _comm_free_fn is None:
+        try:
+            from sbpatch.distributed import comm_free as _comm_free_fn
+        except ImportError:  # pragma: no cover - the module ships with sbpatch
+            _comm_free_fn = lambda _targets: contextlib.nullcontext()  # noqa: E731
+    return _comm_free_fn(targets)
+
+
 def call_frozen(targets: Iterable[Any], keep: Iterable[Any], fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     """Call ``fn(*args, **kwargs)`` with ``targets`` frozen. A failure to freeze runs ``fn`` unfrozen, never raises."""
     global _freeze_failed
-    held: list[Group] = []
+    holder = Holder()
     try:
         try:
-            acquire(collect(targets, keep), held)
+            acquire(collect(targets, keep), holder)
+            sync = _comm_free(targets)
         except Exception:  # never break the user's call because freezing failed
             if not _freeze_failed:
                 _freeze_failed = True
                 log.warning("sbpatch could not freeze the model; running the call unpatched", exc_info=True)
-            release(held)
-        return fn(*args, **kwargs)
+            release(holder)
+            sync = contextlib.nullcontext()
+        with sync:
+            return fn(*args, **kwargs)
     finally:
-        release(held)
+        try:
+            release(holder)
+        except BaseException:  # interrupted while releasing: finish it, then let the interruption through
+            release(holder)
+            raise
 
 
 class frozen(contextlib.ContextDecorator):
@@ -343,33 +714,93 @@ class frozen(contextlib.ContextDecorator):
     >>> with sbpatch.frozen(model):
     ...     x_adv = my_attack(model, x, y)
 
-    ``modules``: ``nn.Module`` objects (DDP/FSDP wrappers included), parameters or iterables of parameters.
-    ``keep``: parameters, modules, or names relative to a given module (``"embeddings.word_embeddings"``) that stay
-    live. Parameters already frozen by the user stay frozen; nesting and threads are safe; restoration happens even
-    on an exception or KeyboardInterrupt. The kernel-preserving rules (:func:`keep_rules`) apply.
+    ``modules``: ``nn.Module`` objects (DDP/FSDP wrappers included), parameters, or iterables of them
+    (``model.parameters()`` and ``named_parameters()`` are read once, here). ``keep``: one or several parameters,
+    modules, or names relative to a given module (``"embeddings.word_embeddings"``) that stay live. Parameters
+    already frozen by the user stay frozen; nesting and threads are safe; restoration happens even on an exception
+    or KeyboardInterrupt. The kernel-preserving rules apply. As a decorator it also holds the freeze across the body
+    of a generator or ``async`` function.
     """
 
-    def __init__(self, *modules: Any, keep: Iterable[Any] = ()) -> None:
-        self._targets = modules
-        self._keep = tuple(keep) if not isinstance(keep, str) else (keep,)
-        self._local = threading.local()
+    def __init__(self, *modules: Any, keep: Any = ()) -> None:
+        self._targets = targets_of(modules)
+        self._keep = keep_of(keep)
+        names = [k for k in self._keep if isinstance(k, str)]
+        if names:
+            _resolve_keep([t for t in self._targets if isinstance(t, _torch.nn.Module)], names)  # fail early
+        self._stacks: dict[int, list[Holder]] = {}
 
     def __enter__(self) -> frozen:
-        stack = getattr(self._local, "stack", None)
-        if stack is None:
-            stack = self._local.stack = []
-        held: list[Group] = []
-        stack.append(held)
+        holder = Holder()
+        sync = None
         try:
-            acquire(collect(self._targets, self._keep), held)
+            acquire(collect(self._targets, self._keep), holder)
+            sync = _comm_free(self._targets)
+            sync.__enter__()
+            self._stacks.setdefault(threading.get_ident(), []).append((holder, sync))
         except BaseException:
-            release(held)
-            stack.pop()
+            try:
+                if sync is not None:
+                    with contextlib.suppress(Exception):
+                        sync.__exit__(None, None, None)
+                release(holder)
+            finally:
+                self._discard(holder)
             raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        release(self._local.stack.pop())
+        try:
+            entry = self._top()
+            if entry is not None:
+                with contextlib.suppress(Exception):
+                    entry[1].__exit__(None, None, None)
+                release(entry[0])
+        except BaseException:  # an interruption landed while restoring: finish, then let it through
+            entry = self._top()
+            if entry is not None:
+                release(entry[0])
+            raise
+        finally:
+            self._top()  # drops the released entry
+
+    def _top(self) -> Any:
+        """This thread's innermost live entry (dropping released ones); another thread's if this one has none."""
+        stacks = self._stacks
+        for ident in (threading.get_ident(), *list(stacks)):
+            stack = stacks.get(ident)
+            while stack and stack[-1][0].done:
+                stack.pop()
+            if stack:
+                return stack[-1]
+        return None
+
+    def _discard(self, holder: Holder) -> None:
+        for stack in self._stacks.values():
+            for entry in list(stack):
+                if entry[0] is holder:
+                    stack.remove(entry)
 
     def _recreate_cm(self) -> frozen:  # ContextDecorator: each decorated call gets its own holder stack entry
         return self
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(fn):
+            raise TypeError("@sbpatch.frozen cannot decorate an async generator; use `with sbpatch.frozen(...)` in it")
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def generator(*args: Any, **kwargs: Any) -> Any:
+                with self:
+                    return (yield from fn(*args, **kwargs))
+
+            return generator
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def coroutine(*args: Any, **kwargs: Any) -> Any:
+                with self:
+                    return await fn(*args, **kwargs)
+
+            return coroutine
+        return super().__call__(fn)

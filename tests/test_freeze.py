@@ -129,7 +129,7 @@ def test_overlapping_holders_end_with_original_state(ops, data_):
     holders = []
     for which in ops:
         targets = {"a": [a], "b": [b], "ab": [a, b]}[which]
-        held: list = []
+        held = freeze.Holder()
         freeze.acquire(freeze.collect(targets), held)
         holders.append(held)
         assert not a.head.weight.requires_grad
@@ -221,14 +221,18 @@ def test_kept_parameters_grad_set_aside_under_backward():
 
 
 def test_keep_rules_are_data_and_extensible():
-    rules = sbpatch.keep_rules()
-    assert "in_proj_weight" in rules["torch.nn.modules.activation.MultiheadAttention"]
+    assert sbpatch.keep_rules() == {}  # no static table: the built-in rules follow what the model does
+    assert set(freeze.builtin_rules()) == {
+        "torch.nn.modules.linear.Linear",
+        "torch.nn.modules.activation.MultiheadAttention",
+    }
     model = tiny_cnn()
     sbpatch.add_keep_rule(nn.BatchNorm2d, "weight")
     try:
-        assert "torch.nn.modules.batchnorm.BatchNorm2d" in sbpatch.keep_rules()
+        assert sbpatch.keep_rules() == {"torch.nn.modules.batchnorm.BatchNorm2d": ["weight"]}
         with sbpatch.frozen(model):
             assert model.bn.weight.requires_grad and not model.bn.bias.requires_grad
+        assert freeze.kept_live()["TinyCNN.bn.weight"] == "user keep rule (add_keep_rule)"
     finally:
         sbpatch.remove_keep_rule(nn.BatchNorm2d)
     with sbpatch.frozen(model):
@@ -236,18 +240,65 @@ def test_keep_rules_are_data_and_extensible():
     assert "kept live" in str(sbpatch.status())
 
 
-def test_removing_the_attention_rule_freezes_uniformly():
-    """README: remove the rule to freeze every parameter (e.g. for DDP without find_unused_parameters)."""
-    model = tiny_vit()
-    attn = model.encoder.layers[0].self_attention
-    names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-    sbpatch.remove_keep_rule(nn.MultiheadAttention)
+class FrameClassifier(nn.Module):
+    """A Conv1d encoder, then a Linear on the transposed feature map (a per-frame classifier)."""
+
+    def __init__(self, channels: int = 3, hidden: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(channels, hidden, 3, padding=1)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x.flatten(2)))  # (B, hidden, N)
+        return self.head(h.transpose(1, 2)).mean(1)  # non-foldable (B, N, hidden) input
+
+
+def test_linear_fed_a_transposed_input_keeps_its_weight_live_and_results_identical():
+    torch.manual_seed(0)
+    model = FrameClassifier().eval()
+    x, _ = data(n=4, size=8)
+    expected = _logits_and_input_grad(model, x)
+    live = _freeze_all(model)  # the paper's one-liner changes the kernel (mm vs bmm): the test can fail
     try:
-        assert "torch.nn.modules.activation.MultiheadAttention" not in sbpatch.keep_rules()
-        with sbpatch.frozen(model):
-            assert not attn.in_proj_weight.requires_grad
+        assert not identical(expected, _logits_and_input_grad(model, x))
     finally:
-        sbpatch.add_keep_rule(nn.MultiheadAttention, *names)
+        for p in live:
+            p.requires_grad_(True)
+    model.head.weight.grad = torch.ones_like(model.head.weight)
+    saved = model.head.weight.grad
+    for _ in range(2):  # first call: learned at run time, before the layer runs; second: live from the start
+        with sbpatch.frozen(model):
+            got = _logits_and_input_grad(model, x)
+            assert model.head.weight.requires_grad and not model.conv.weight.requires_grad
+            nn.functional.cross_entropy(model(x), torch.zeros(4, dtype=torch.long)).backward()
+        assert identical(expected, got)
+        assert model.head.weight.grad is saved and torch.equal(saved, torch.ones_like(saved))
+        assert all(p.requires_grad for p in model.parameters())
+        assert not model.head._forward_pre_hooks, "probe hooks must be removed after the call"
+    assert "non-foldable" in freeze.kept_live()["FrameClassifier.head.weight"]
+
+
+def test_cnn_and_contiguous_transformer_keep_every_weight_frozen():
+    model = tiny_cnn()
+    x, _ = data()
     with sbpatch.frozen(model):
-        assert attn.in_proj_weight.requires_grad
-    assert sbpatch.keep_rules()["torch.nn.modules.activation.MultiheadAttention"] == sorted(names)
+        model(x)
+        assert not any(p.requires_grad for p in model.parameters())
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=False, dropout=0.0).eval()
+    seq = torch.randn(5, 3, 16)
+    expected = layer(seq).detach()
+    with sbpatch.frozen(layer):
+        got = layer(seq).detach()
+        assert not any(p.requires_grad for p in layer.parameters())
+    assert torch.equal(expected, got)
+
+
+def test_attention_batch_first_false_fed_transposed_input_is_learned():
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(64, 2, batch_first=False).eval()
+    q = torch.randn(3, 7, 64).transpose(0, 1)  # (L, N, E) view of a batch-first tensor: not foldable
+    expected = attn(q, q, q)[0].detach()
+    with sbpatch.frozen(attn):
+        got = attn(q, q, q)[0].detach()
+        assert attn.in_proj_weight.requires_grad and not attn.out_proj.weight.requires_grad
+    assert torch.equal(expected, got)
