@@ -378,11 +378,11 @@ def targets_of(items: Iterable[Any], what: str = "frozen()") -> list[Any]:
         elif t is None or isinstance(t, (str, bytes, int, float, bool)):
             raise TypeError(f"{what}: cannot freeze {type(t).__name__} {t!r}; pass {_ACCEPTED}")
         elif isinstance(t, Mapping):
-            values = list(t.values())
-            if not all(isinstance(v, torch.nn.Parameter) for v in values):
+            values = [v for v in t.values() if isinstance(v, torch.nn.Parameter)]  # keep_vars=True: buffers too
+            if not values and t:
                 raise TypeError(
-                    f"{what}: got a mapping of tensors (a state_dict?): it holds detached copies, not the "
-                    f"parameters; pass the module or module.parameters()"
+                    f"{what}: got a mapping with no parameters (a state_dict?): it holds detached copies, not the "
+                    f"parameters; pass the module, module.parameters() or state_dict(keep_vars=True)"
                 )
             out.extend(values)
         elif isinstance(t, tuple) and len(t) == 2 and isinstance(t[0], str):  # a named_parameters() pair

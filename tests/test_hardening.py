@@ -1,0 +1,309 @@
+"""The core under stress: Ctrl-C at any moment, every input answered clearly, no model kept alive."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import signal
+import threading
+import time
+import weakref
+
+import pytest
+import torch
+from helpers import data, tiny_cnn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import sbpatch
+from sbpatch import freeze
+from sbpatch.errors import SbpatchError
+
+
+def flags(model: nn.Module) -> list[bool]:
+    return [p.requires_grad for p in model.parameters()]
+
+
+def assert_idle() -> None:
+    assert freeze.held_count() == 0
+    assert not freeze._active and not freeze._ledger and not freeze._guards and not freeze._promoted
+    assert freeze._exclusive is None
+
+
+# --- asynchronous exceptions --------------------------------------------------------------------------------
+
+
+class Frames(nn.Module):
+    """600 parameter tensors, one Linear fed a transposed input (a run-time rule promotes it mid-call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*[nn.Linear(4, 4) for _ in range(299)])
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.body(x).transpose(0, 1))
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX interval timers")
+def test_keyboard_interrupt_at_any_moment_restores_everything():
+    """A real SIGALRM whose handler raises KeyboardInterrupt, at random delays inside freeze, call and restore."""
+    model = Frames()
+    model.body[3].bias.requires_grad_(False)  # user-frozen: must stay frozen
+    inner = model.body[7]
+    x = torch.randn(3, 2, 4)
+    before = flags(model)
+    fired = [False]
+
+    def handler(signum: int, frame: object) -> None:
+        fired[0] = True
+        raise KeyboardInterrupt
+
+    def once(kind: int) -> None:
+        if kind == 0:
+            with sbpatch.frozen(model):
+                model(x)
+        elif kind == 1:
+            with sbpatch.frozen(model), sbpatch.frozen(inner, model.mix):  # a second group: ledger mode
+                pass
+        else:
+            freeze.call_frozen([model], (), lambda: None, (), {})
+
+    durations = []
+    for kind in range(3):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            once(kind)
+        durations.append((time.perf_counter() - t0) / 5)
+    assert flags(model) == before
+    old = signal.signal(signal.SIGALRM, handler)
+    rng = random.Random(0)
+    interrupted = 0
+    try:
+        for i in range(360):
+            kind = i % 3
+            fired[0] = False
+            try:
+                signal.setitimer(signal.ITIMER_REAL, max(rng.uniform(0, 1.2 * durations[kind]), 1e-6))
+                once(kind)
+                while not fired[0]:  # let the alarm land here if it did not land inside
+                    pass
+            except KeyboardInterrupt:
+                interrupted += 1
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            assert flags(model) == before, f"try {i}: flags not restored"
+            assert_idle()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert interrupted == 360
+    with sbpatch.frozen(model):  # still freezing afterwards (the transposed-input Linear stays live: learned)
+        assert [n for n, p in model.named_parameters() if p.requires_grad] == ["mix.weight"]
+    assert flags(model) == before
+
+
+def test_release_finishes_an_interrupted_release():
+    """Each step of release is idempotent: running it again after any partial run ends in the original state."""
+    a, b = tiny_cnn(), tiny_cnn()
+    b.head = a.head
+    before = flags(a), flags(b)
+    for stop in range(40):
+        h1, h2 = freeze.Holder(), freeze.Holder()
+        freeze.acquire(freeze.collect([a]), h1)
+        freeze.acquire(freeze.collect([b]), h2)  # shared parameters: ledger mode
+        group = h1.groups[0]
+        # interrupt _unfreeze of the first group after `stop` parameter restorations, then finish with release()
+        params = [(id(p), p) for r in group.refs if (p := r()) is not None][:stop]
+        with freeze._lock:
+            freeze._release_counted(group, params)
+        freeze.release(h1)
+        freeze.release(h1)
+        freeze.release(h2)
+        assert (flags(a), flags(b)) == before
+        assert_idle()
+
+
+# --- every input answered clearly ---------------------------------------------------------------------------
+
+
+def test_keep_accepts_one_parameter_or_one_module():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    with sbpatch.frozen(model, keep=model[0].weight):
+        assert model[0].weight.requires_grad and not model[0].bias.requires_grad
+    with sbpatch.frozen(model, keep=model[0]):
+        assert model[0].weight.requires_grad and model[0].bias.requires_grad and not model[1].weight.requires_grad
+    with sbpatch.frozen(model, keep="1.bias"):
+        assert model[1].bias.requires_grad and not model[1].weight.requires_grad
+    assert all(flags(model))
+
+
+def test_parameters_generator_is_read_once_and_freezes_every_call():
+    model = tiny_cnn()
+
+    @sbpatch.frozen(model.parameters())
+    def inside() -> list[bool]:
+        return flags(model)
+
+    for _ in range(3):
+        assert not any(inside())
+    assert flags(model) == flags(tiny_cnn())
+
+
+def test_named_parameters_and_parameter_dicts_are_accepted():
+    model = tiny_cnn()
+    for target in (model.named_parameters(), dict(model.named_parameters()), model.state_dict(keep_vars=True)):
+        with sbpatch.frozen(target):
+            assert not any(flags(model))
+    assert flags(model) == flags(tiny_cnn())
+
+
+@pytest.mark.parametrize("bad", ["abc", None, 3, b"x"])
+def test_bad_targets_say_what_is_accepted(bad):
+    with pytest.raises(TypeError, match=r"cannot freeze .*pass nn\.Module"):
+        sbpatch.frozen(bad)
+
+
+def test_state_dict_is_refused_with_the_reason():
+    model = tiny_cnn()
+    with pytest.raises(TypeError, match="state_dict.*detached copies"):
+        sbpatch.frozen(model.state_dict())
+    with pytest.raises(ValueError, match="non-leaf"):
+        sbpatch.frozen(model.head.weight * 2)
+
+
+def test_add_keep_rule_validates():
+    with pytest.raises(TypeError, match="must be strings"):
+        sbpatch.add_keep_rule(nn.Linear, 5)
+    with pytest.raises(ValueError, match="qualified name"):
+        sbpatch.add_keep_rule("Linear", "weight")
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        sbpatch.add_keep_rule(5, "weight")
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        sbpatch.add_keep_rule(int, "weight")
+    with pytest.raises(ValueError, match="at least one"):
+        sbpatch.add_keep_rule(nn.Linear)
+    with pytest.raises(ValueError, match="not a parameter name"):
+        sbpatch.add_keep_rule(nn.Linear, "bad name")
+    assert sbpatch.keep_rules() == {}
+    str(sbpatch.status())
+    sbpatch.add_keep_rule("torch.nn.modules.conv.Conv2d", "wieght")
+    try:
+        with pytest.warns(sbpatch.SbpatchWarning, match="'wieght'.*weight, bias"), sbpatch.frozen(tiny_cnn()):
+            pass
+        assert "wieght" in str(sbpatch.status())
+    finally:
+        sbpatch.remove_keep_rule("torch.nn.modules.conv.Conv2d")
+
+
+def test_generator_and_async_functions_hold_the_freeze_across_their_body():
+    model = tiny_cnn()
+
+    @sbpatch.frozen(model)
+    def steps(n: int):
+        for _ in range(n):
+            yield any(flags(model))
+
+    @sbpatch.frozen(model)
+    async def attack() -> bool:
+        await asyncio.sleep(0)
+        return any(flags(model))
+
+    assert list(steps(3)) == [False, False, False]
+    assert asyncio.run(attack()) is False
+    assert flags(model) == flags(tiny_cnn())
+    with pytest.raises(TypeError, match="async generator"):
+
+        @sbpatch.frozen(model)
+        async def agen():
+            yield 1
+
+
+def test_exit_in_another_thread_restores():
+    model = tiny_cnn()
+    cm = sbpatch.frozen(model)
+    cm.__enter__()
+    errors = []
+
+    def leave() -> None:
+        try:
+            cm.__exit__(None, None, None)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=leave)
+    t.start()
+    t.join()
+    assert not errors
+    assert flags(model) == flags(tiny_cnn())
+    assert_idle()
+
+
+_model = tiny_cnn()
+_inputs = st.one_of(
+    st.none(),
+    st.integers(),
+    st.text(max_size=5),
+    st.sampled_from(["head", "head.weight", "conv", "nope", ""]),
+    st.just(_model),
+    st.just(_model.head),
+    st.just(_model.head.weight),
+    st.builds(lambda: _model.parameters()),
+    st.builds(lambda: _model.named_parameters()),
+    st.builds(lambda: _model.state_dict()),
+    st.builds(lambda: {"a": 1}),
+    st.builds(lambda: torch.ones(2, requires_grad=True) * 2),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(targets=st.lists(_inputs, max_size=3), keep=st.one_of(_inputs, st.lists(_inputs, max_size=2)))
+def test_fuzz_frozen_either_works_or_says_why(targets, keep):
+    before = flags(_model)
+    try:
+        with sbpatch.frozen(*targets, keep=keep):
+            pass
+    except (TypeError, ValueError, SbpatchError) as exc:
+        assert str(exc)
+    assert flags(_model) == before
+    assert_idle()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    module_type=st.one_of(st.just(nn.Linear), st.just(int), st.text(max_size=12), st.integers(), st.none()),
+    names=st.lists(st.one_of(st.text(max_size=8), st.integers(), st.none()), max_size=3),
+)
+def test_fuzz_keep_rules_either_work_or_say_why(module_type, names):
+    try:
+        sbpatch.add_keep_rule(module_type, *names)
+    except (TypeError, ValueError, SbpatchError) as exc:
+        assert str(exc)
+    else:
+        sbpatch.remove_keep_rule(module_type)
+    assert sbpatch.keep_rules() == {}
+    str(sbpatch.status())
+
+
+# --- no leaks -----------------------------------------------------------------------------------------------
+
+
+def test_models_with_hooks_referencing_them_are_not_kept_alive():
+    import torchattacks
+
+    sbpatch.enable("torchattacks")
+    x, y = data()
+    refs = []
+    for i in range(12):
+        model = tiny_cnn(seed=i)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_hook(lambda g, model=model: g)  # gradient logging that references the model
+        with sbpatch.frozen(model):
+            model(x)
+        torchattacks.FGSM(model, eps=0.1)(x, y)
+        refs.append(weakref.ref(model))
+        del model, p
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0
