@@ -1,6 +1,7 @@
 """Installs sbpatch.pth next to the package so that ``SBPATCH=all python script.py`` enables sbpatch at start-up.
 
-The .pth line costs a dictionary lookup when SBPATCH is unset: it imports nothing else (the pytest-cov pattern).
+The .pth line costs a dictionary lookup and a string comparison when SBPATCH is unset or off (0, false, none...):
+it imports nothing else (the pytest-cov pattern). Its list of off values is config.OFF_VALUES (a test keeps them equal).
 """
 
 from pathlib import Path

@@ -1,7 +1,9 @@
-"""Run at interpreter start by ``sbpatch.pth`` when ``SBPATCH`` is set: enable the libraries it names.
+"""Run at interpreter start by ``sbpatch.pth`` when ``SBPATCH`` is set to anything but an off value (``0``, ``false``,
+``none``...: the .pth line checks those itself and imports nothing): enable the libraries it names.
 
-Never raises: a bad value prints one line to stderr and patches nothing; a named library that cannot be enabled
-(missing, unsupported version) prints one line and the others are enabled; the program runs on.
+Cheap: ``enable()`` imports neither torch nor the libraries; their shims wait for an import hook. Never raises: a
+bad value prints one line to stderr and patches nothing; a named library that cannot be enabled (missing,
+unsupported version) prints one line and the others are enabled; the program runs on.
 """
 
 from __future__ import annotations

@@ -1,17 +1,29 @@
-"""Legacy-import shims for libraries that no longer import on modern torch, scipy or numpy.
+"""Legacy-import shims for libraries that no longer import on modern torch, scipy or numpy, and the import hook
+that applies them.
 
 A shim only adds what is missing, never replaces what exists, and must be in place before the failing import runs
-(a post-import hook fires only after a successful import). The registry applies an integration's shims when the
-library is enabled; ``status()`` lists those applied. If the library was imported (and failed) before sbpatch was
-enabled, Python has not cached the failed module: importing it again after ``enable()`` works.
+(a post-import hook fires only after a successful import). Shims import torch or scipy, so ``enable()`` does not
+apply them: it registers them with :func:`before_import`, a ``sys.meta_path`` finder that runs them just before the
+library's top-level module executes (or at once if the library is already imported), so ``SBPATCH=all`` costs
+nothing until an attack library is imported. ``status()`` lists the shims applied. If the library was imported
+(and failed) before sbpatch was enabled, Python has not cached the failed module: importing it again works.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
 import os
+import sys
+import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
+
+from sbpatch.errors import SbpatchWarning
+
+log = logging.getLogger("sbpatch")
 
 
 def _add_missing(module_name: str, name: str, value: Callable[[], Any]) -> bool:
@@ -70,3 +82,134 @@ SHIMS: dict[str, Callable[[], bool]] = {
 def apply(name: str) -> bool:
     """Apply one shim by name; True if it added something."""
     return SHIMS[name]()
+
+
+# --- the import hook ------------------------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_pending: dict[str, Callable[[], None]] = {}  # top-level module name -> callback, run once before it executes
+_errors: dict[str, str] = {}  # module -> the error a callback raised (registry callbacks record their own)
+
+
+class _ChainedLoader:
+    """Wraps the real loader of a watched module: runs the callback, puts the real loader back, then executes.
+
+    The callback runs in ``exec_module``, under the module's own import lock only (``find_spec`` runs under the
+    interpreter's global import lock: importing torch there could deadlock with another thread's import).
+    """
+
+    def __init__(self, loader: Any, name: str) -> None:
+        self.loader = loader
+        self.name = name
+
+    def create_module(self, spec: Any) -> Any:
+        create = getattr(self.loader, "create_module", None)
+        return create(spec) if create is not None else None
+
+    def exec_module(self, module: Any) -> None:
+        if getattr(module, "__loader__", None) is self:
+            module.__loader__ = self.loader
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and spec.loader is self:
+            spec.loader = self.loader
+        _run(self.name)
+        self.loader.exec_module(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, get_code...: the real loader's
+        return getattr(self.loader, name)
+
+
+class _Finder:
+    """A ``sys.meta_path`` finder: finds nothing itself; for a watched top-level module, it returns the real spec
+    with its loader chained to run the callback first. An unwatched import costs one dictionary lookup."""
+
+    _in_progress: set[str] = set()
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in _pending or fullname in self._in_progress:
+            return None
+        try:
+            self._in_progress.add(fullname)
+            try:
+                spec = importlib.util.find_spec(fullname)  # the finders after this one
+            finally:
+                self._in_progress.discard(fullname)
+            if spec is None:
+                return None  # not installed: keep watching
+            loader = getattr(spec, "loader", None)
+            if loader is None or not hasattr(loader, "exec_module"):
+                _run(fullname)  # no loader to chain (rare): apply now, under the import lock
+                return spec
+            if not isinstance(loader, _ChainedLoader):
+                spec.loader = _ChainedLoader(loader, fullname)
+            return spec
+        except Exception as exc:  # an import hook never raises into the user's import
+            _record(fullname, exc)
+            return None
+
+    def invalidate_caches(self) -> None:
+        return None
+
+
+_finder = _Finder()
+
+
+def _record(name: str, exc: BaseException) -> None:
+    _errors[name] = f"{type(exc).__name__}: {exc}"
+    log.debug("sbpatch: import hook for %s failed", name, exc_info=exc)
+    try:
+        warnings.warn(f"sbpatch: internal error preparing the import of {name}: {exc!r}", SbpatchWarning, 2)
+    except Exception:  # warnings turned into errors (-W error): still never raise into the import
+        pass
+
+
+def _call(name: str, callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception as exc:  # never raise into the user's import
+        _record(name, exc)
+
+
+def _run(name: str) -> None:
+    with _lock:
+        callback = _pending.pop(name, None)
+    if callback is not None:
+        _call(name, callback)
+
+
+def before_import(module: str, callback: Callable[[], None]) -> None:
+    """Run ``callback`` once, just before the top-level ``module`` is first executed; at once if it is already
+    imported. Replaces a callback already registered for ``module``. The callback must not raise (errors are
+    warned and kept in :func:`errors`)."""
+    if "." in module:
+        raise ValueError(f"before_import() watches top-level modules only, not {module!r}")
+    if module in sys.modules:
+        with _lock:
+            _pending.pop(module, None)
+        _call(module, callback)
+        return
+    with _lock:
+        _pending[module] = callback
+        # Outside any find_spec loop (those iterate sys.meta_path itself), so the list can be changed here. The
+        # finder stays installed once added: removing it during an import would make Python skip the next finder.
+        if not sys.meta_path or sys.meta_path[0] is not _finder:
+            if _finder in sys.meta_path:
+                sys.meta_path.remove(_finder)
+            sys.meta_path.insert(0, _finder)
+
+
+def cancel(module: str) -> None:
+    """Forget the callback registered for ``module`` (it will not run)."""
+    with _lock:
+        _pending.pop(module, None)
+
+
+def pending() -> list[str]:
+    """The top-level modules whose callback has not run yet."""
+    with _lock:
+        return list(_pending)
+
+
+def errors() -> dict[str, str]:
+    """Errors raised inside the import hook, by module (empty unless sbpatch has a bug)."""
+    return dict(_errors)

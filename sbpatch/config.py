@@ -1,12 +1,53 @@
-"""The ``SBPATCH`` environment variable: parsing and validation."""
+"""One vocabulary for naming libraries, shared by ``enable()``/``disable()`` and the ``SBPATCH`` variable.
+
+Names are case-insensitive and may be comma-separated; ``"all"`` means every supported library. The variable also
+takes on/off switches (``1``, ``true`` ... and ``0``, ``false``, ``none`` ...). ``OFF_VALUES`` is repeated in
+``sbpatch.pth`` (which must import nothing); tests/test_startup.py keeps the two equal.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
 
 from sbpatch.errors import ConfigError
 
 ENV_VAR = "SBPATCH"
-ALL_VALUES = ("all", "1", "true", "yes", "on")
+ALL = "all"
+ALL_VALUES = (ALL, "1", "true", "yes", "on")
 OFF_VALUES = ("", "0", "false", "no", "off", "none")
+_SEQUENCES = (list, tuple, set, frozenset)
+
+
+def _choices(valid: Sequence[str]) -> str:
+    return f"'{ALL}' or any of: {', '.join(valid)}"
+
+
+def library_names(libraries: Iterable[object], valid: Sequence[str], what: str = "library names") -> list[str] | None:
+    """Normalise names given as strings (``"art"``, ``"Art, foolbox"``) or lists/tuples of strings.
+
+    Returns the valid names in the order given without repeats, or None when ``"all"`` is among them. Raises
+    :class:`ConfigError` (a ValueError) for an unknown or empty name, TypeError for anything but strings and
+    lists/tuples of strings; both messages name the valid choices.
+    """
+    words: list[str] = []
+    for item in libraries:
+        parts = item if isinstance(item, _SEQUENCES) else (item,)
+        for part in parts:
+            if not isinstance(part, str):
+                raise TypeError(
+                    f"{what} must be strings or lists/tuples of strings, not {type(part).__name__} {part!r}; "
+                    f"use {_choices(valid)}"
+                )
+            words.extend(w.strip().lower() for w in part.split(","))
+    names = [w for w in words if w]
+    if not names:
+        raise ConfigError(f"no library named in {what}; use {_choices(valid)}")
+    if ALL in names:
+        return None
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise ConfigError(f"unknown library {', '.join(map(repr, bad))}; valid names: {_choices(valid)}")
+    return list(dict.fromkeys(names))
 
 
 def parse_libraries(value: str | None, valid: list[str]) -> list[str] | None:
@@ -21,11 +62,11 @@ def parse_libraries(value: str | None, valid: list[str]) -> list[str] | None:
         return None
     if text in ALL_VALUES:
         return []
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in valid]
-    if bad or not names:
+    try:
+        names = library_names([text], valid)
+    except ConfigError:
         raise ConfigError(
             f"invalid {ENV_VAR}={value!r}: use 'all' (or 1, true), nothing (unset, 0, false, none), "
             f"or a comma-separated list of: {', '.join(valid)}"
-        )
-    return list(dict.fromkeys(names))
+        ) from None
+    return [] if names is None else names

@@ -6,6 +6,7 @@ imported when the library is enabled or its status is asked for, and it never im
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import logging
@@ -19,8 +20,9 @@ import wrapt
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from sbpatch import compat, config
 from sbpatch._table import format_table
-from sbpatch.errors import ConfigError, DidNotEnable, SbpatchWarning
+from sbpatch.errors import DidNotEnable, SbpatchWarning
 from sbpatch.patching import AppliedTarget, Counters, Integration
 
 log = logging.getLogger("sbpatch")
@@ -117,13 +119,20 @@ def _state(name: str) -> _State:
     return state
 
 
-def check_names(names: tuple[str, ...] | list[str]) -> list[str]:
-    """Validate library names; raises ConfigError naming the valid choices."""
-    valid = list(INTEGRATIONS)
-    bad = [n for n in names if n not in INTEGRATIONS]
-    if bad:
-        raise ConfigError(f"unknown library {', '.join(map(repr, bad))}; valid names: {', '.join(valid)}")
-    return list(dict.fromkeys(names))
+def _requested(libraries: tuple[Any, ...] | list[Any]) -> list[str] | None:
+    """The names asked for (None: every library): the vocabulary of :func:`sbpatch.config.library_names`."""
+    if not libraries:
+        return None
+    return config.library_names(libraries, list(INTEGRATIONS))
+
+
+def check_names(names: tuple[Any, ...] | list[Any]) -> list[str]:
+    """Validate and normalise library names (case-insensitive, ``"all"`` for every library, lists accepted).
+
+    Raises :class:`ConfigError` (TypeError for a non-string) naming the valid choices.
+    """
+    requested = config.library_names(names, list(INTEGRATIONS))
+    return list(INTEGRATIONS) if requested is None else requested
 
 
 def installed_version(integration: Integration) -> str | None:
@@ -154,15 +163,18 @@ def _why_not(integration: Integration) -> str | None:
     return None
 
 
-def enable(*libraries: str) -> None:
-    """Patch the named attack libraries (all supported ones if none is named), now or when they are imported.
+def enable(*libraries: str | list[str] | tuple[str, ...]) -> None:
+    """Patch the named attack libraries (all supported ones if none is named, or ``"all"``), now or when imported.
 
-    Idempotent. An unknown name raises :class:`ConfigError`. A named library that is missing or of an unsupported
-    version raises :class:`DidNotEnable`; with no names, an unsupported version is warned once and recorded in
-    :func:`status`, and a library that is not installed is simply recorded there.
+    Names are case-insensitive, as in ``SBPATCH``; a list or tuple of names works too. Idempotent. Imports neither
+    torch nor the libraries: their compatibility shims are applied by an import hook just before they are imported.
+    An unknown name raises :class:`ConfigError`, a non-string TypeError. A named library that is missing or of an
+    unsupported version raises :class:`DidNotEnable`; with no names (or ``"all"``), an unsupported version is warned
+    once and recorded in :func:`status`, and a library that is not installed is simply recorded there.
     """
-    explicit = bool(libraries)
-    names = check_names(libraries) if explicit else list(INTEGRATIONS)
+    requested = _requested(libraries)
+    explicit = requested is not None
+    names = requested if requested is not None else list(INTEGRATIONS)
     with _lock:
         problems = {}
         for name in names:
@@ -190,20 +202,26 @@ def _enable_one(state: _State) -> None:
     state.counters.enabled = True
     state.note = ""
     if integ.shims:
-        from sbpatch import compat
-
-        for shim in integ.shims:
-            try:
-                if compat.apply(shim):
-                    state.shims.append(shim)
-            except Exception as exc:  # a shim must never break the program
-                state.skipped[f"shim {shim}"] = f"{type(exc).__name__}: {exc}"
+        # Shims import torch/scipy: apply them just before the library's import (at once if already imported).
+        compat.before_import(integ.module, functools.partial(_apply_shims, state))
     for target in integ.targets:
         if target.module in sys.modules:
             _apply(state, target.name)
         elif target.module not in _hooked:
             _hooked.add(target.module)
             wrapt.register_post_import_hook(_make_hook(target.module), target.module)
+
+
+def _apply_shims(state: _State) -> None:
+    """Run from the import hook (never under ``_lock``: the import machinery holds its own locks)."""
+    if not state.counters.enabled:
+        return
+    for shim in state.integration.shims:
+        try:
+            if compat.apply(shim) and shim not in state.shims:
+                state.shims.append(shim)
+        except Exception as exc:  # a shim must never break the program
+            state.skipped[f"shim {shim}"] = f"{type(exc).__name__}: {exc}"
 
 
 def _make_hook(module_name: str) -> Any:
@@ -239,15 +257,20 @@ def _apply(state: _State, target_name: str) -> None:
     state.applied[target_name] = applied
 
 
-def disable(*libraries: str) -> None:
-    """Undo :func:`enable` for the named libraries (all if none): every patched attribute is the original again."""
-    names = check_names(libraries) if libraries else list(INTEGRATIONS)
+def disable(*libraries: str | list[str] | tuple[str, ...]) -> None:
+    """Undo :func:`enable` for the named libraries (all if none, or ``"all"``): every patched attribute is the
+    original again, and shims not yet applied will not be. Shims already applied stay (they only added what was
+    missing)."""
+    requested = _requested(libraries)
+    names = requested if requested is not None else list(INTEGRATIONS)
     with _lock:
         for name in names:
             state = _states.get(name)
             if state is None:
                 continue
             state.counters.enabled = False
+            if state.integration.shims:
+                compat.cancel(state.integration.module)
             while state.applied:
                 _, applied = state.applied.popitem()
                 applied.undo()

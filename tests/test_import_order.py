@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 from helpers import run_python
 
+import sbpatch
+from sbpatch import config, registry
+from sbpatch.errors import ConfigError
+
 CHECK = """
 import torch
 from torchattacks.attack import Attack
@@ -81,6 +85,58 @@ def test_unknown_name_names_valid_choices():
         """
     )
     assert "torchatacks" in out.stdout and "torchattacks, art, foolbox" in out.stdout, out.stderr
+
+
+def test_enable_and_disable_speak_the_env_var_vocabulary():
+    out = run_py(
+        """
+        import sbpatch
+        from sbpatch import registry
+        def on():
+            return sorted(n for n in registry.INTEGRATIONS if registry.counters(n).enabled)
+        sbpatch.enable(["Art"]); print(on())
+        sbpatch.enable(("foolbox", "ADVERTORCH")); print(on())
+        sbpatch.disable("ALL"); print(on())
+        sbpatch.enable("TorchAttacks, cleverhans"); print(on())
+        sbpatch.disable(["torchattacks"]); print(on())
+        sbpatch.enable("all"); print(len(on()))
+        """
+    )
+    assert out.stdout.splitlines() == [
+        "['art']",
+        "['advertorch', 'art', 'foolbox']",
+        "[]",
+        "['cleverhans', 'torchattacks']",
+        "['cleverhans']",
+        str(len(registry.INTEGRATIONS)),
+    ], out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        ((5,), TypeError),
+        ((["art", 3],), TypeError),
+        ((b"art",), TypeError),
+        (({"art": 1},), TypeError),
+        ((None,), TypeError),
+        (("nosuch",), ConfigError),
+        ((["art", "nosuch"],), ConfigError),
+        (([],), ConfigError),
+        ((" , ",), ConfigError),
+    ],
+)
+def test_bad_names_raise_naming_the_valid_choices(args: tuple, error: type):
+    for fn in (sbpatch.enable, sbpatch.disable, registry.check_names):  # validated before any state changes
+        with pytest.raises(error) as info:
+            fn(*args) if fn is not registry.check_names else fn(list(args))
+        assert "'all' or any of: torchattacks, art, foolbox" in str(info.value)
+
+
+def test_check_names_normalises():
+    assert registry.check_names(["ART", "art", " Foolbox"]) == ["art", "foolbox"]
+    assert registry.check_names(["all"]) == list(registry.INTEGRATIONS)
+    assert registry.check_names([("cleverhans", "Art")]) == ["cleverhans", "art"]
 
 
 def test_unsupported_version_raises_when_named_and_warns_once_otherwise():
@@ -199,8 +255,31 @@ def test_unset_env_imports_nothing():
 
 
 def test_startup_hook_is_installed():
-    out = run_py("import sys; print('sbpatch._startup' in sys.modules)", env={"SBPATCH": "none"})
+    out = run_py("import sys; print('sbpatch._startup' in sys.modules)", env={"SBPATCH": "art"})
     assert out.stdout.strip() == "True", "sbpatch.pth is not in site-packages: install the project non-editable"
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("TorchAttacks", ["torchattacks"]),
+        (" ART , torchattacks ", ["art", "torchattacks"]),
+        ("all,art", []),
+        ("ALL", []),
+        ("True", []),
+        ("None", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_env_var_vocabulary(value: str | None, expected: list[str] | None):
+    assert config.parse_libraries(value, list(registry.INTEGRATIONS)) == expected
+
+
+def test_env_var_names_are_case_insensitive():
+    on = "from sbpatch import registry; print(sorted(n for n in registry.INTEGRATIONS if registry.counters(n).enabled))"
+    out = run_py(on, env={"SBPATCH": " TorchAttacks,ART "})
+    assert out.stdout.strip() == "['art', 'torchattacks']" and out.stderr == "", out.stderr
 
 
 SCRIPT = """
