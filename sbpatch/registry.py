@@ -84,8 +84,16 @@ class StatusReport(dict):
                 lines.append(f"skipped {target}: {reason}")
             if s.note:
                 lines.append(f"{s.name}: {s.note}")
-        rules = "; ".join(f"{k}: {', '.join(v)}" for k, v in freeze.keep_rules().items())
-        lines.append(f"kept live (kernel-preserving rules): {rules}")
+        lines.append("kept live (kernel-preserving rules, applied at run time):")
+        lines += [f"  {k.rsplit('.', 1)[-1]}: {v}" for k, v in freeze.builtin_rules().items()]
+        lines += [f"  {k} (user rule): {', '.join(v)}" for k, v in freeze.keep_rules().items()]
+        kept = freeze.kept_live()
+        if kept:
+            lines.append(f"parameters kept live so far ({len(kept)}):")
+            shown = list(kept.items())[-20:]
+            if len(kept) > len(shown):
+                lines.append(f"  ... {len(kept) - len(shown)} earlier ones (sbpatch.freeze.kept_live() has them all)")
+            lines += [f"  {name}: {why}" for name, why in shown]
         return "\n".join(lines)
 
 
