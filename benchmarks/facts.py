@@ -1,4 +1,4 @@
-"""Re-measure the facts of DESIGN.md section 2 on this machine (the README quotes the results).
+"""Re-measure the facts of docs/facts.md on this machine (the README quotes the results).
 
 1. Hand-written PGD-5 on ResNet18 (B=8, 64 px): `loss.backward()` and `torch.autograd.grad`, parameters live vs
    frozen.

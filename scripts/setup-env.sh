@@ -6,7 +6,32 @@ cd "$(dirname "$0")/.."
 VENV=${SBPATCH_VENV:-.venv}
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+# After an install pip's resolver prints an "ERROR: pip's dependency resolver ..." block listing the dependencies that
+# torchattacks, deeprobust and cleverhans declare but never import (installed below with --no-deps on purpose). That
+# block is expected: it is replaced by one line. A conflict naming any other package is printed as pip wrote it.
+pip_install() {
+    local err status=0
+    err=$(mktemp)
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>"$err" || status=$?
+    awk '
+        function flush(i) {
+            if (other) { print header; for (i = 1; i <= n; i++) print lines[i] }
+            else print "setup-env.sh: (expected) pip notes the dependencies torchattacks, deeprobust and cleverhans " \
+                "declare but never import; they are left out on purpose"
+            inblock = 0
+        }
+        /^ERROR: pip.s dependency resolver/ { inblock = 1; header = $0; n = 0; other = 0; next }
+        inblock && / (requires|has requirement) / {
+            lines[++n] = $0; if ($1 !~ /^(torchattacks|deeprobust|cleverhans)$/) other = 1; next
+        }
+        inblock { flush() }
+        { print }
+        END { if (inblock) flush() }
+    ' "$err" >&2
+    rm -f "$err"
+    return "$status"
+}
+PIP=(pip_install)
 "${PIP[@]}" -U pip >/dev/null
 # PyTorch first, pinned, so no library can pull another build.
 "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
