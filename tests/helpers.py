@@ -67,6 +67,14 @@ def tiny_vit(seed: int = 0, size: int = 8, classes: int = 10) -> nn.Module:
 MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": tiny_cnn, "vit": tiny_vit}
 
 
+def kept_live_names(model: nn.Module) -> set[str]:
+    """Names of the parameters sbpatch keeps live when it freezes ``model``: static rules (batch-first attention
+    in-projections, user rules) and the run-time rules learned so far."""
+    group = sbpatch.freeze.collect([model])[0]
+    kept = {id(r()) for r in group.kept}
+    return {n for n, p in model.named_parameters() if id(p) in kept}
+
+
 def data(n: int = 4, size: int = 8, seed: int = 1, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
-from helpers import MODELS, compare, data, expect, run_python, tiny_cnn
+from helpers import MODELS, compare, data, expect, kept_live_names, run_python, tiny_cnn
 
 import sbpatch
 from sbpatch import freeze, registry
@@ -88,15 +88,8 @@ def test_identical(attack: str, model_name: str) -> None:
 def _watch(model: nn.Module) -> Iterator[list[bool]]:
     """Record, at each forward of every submodule holding parameters, whether every freezable parameter was frozen
     (the parameters the user left live, less those the kernel-preserving rules keep live)."""
-    rules = freeze.keep_rules()
-    freezable = [
-        p
-        for mod in model.modules()
-        for name, p in mod._parameters.items()
-        if p is not None
-        and p.requires_grad
-        and name not in rules.get(f"{type(mod).__module__}.{type(mod).__qualname__}", ())
-    ]
+    kept = kept_live_names(model)
+    freezable = [p for name, p in model.named_parameters() if p.requires_grad and name not in kept]
     assert freezable
     seen: list[bool] = []
 

@@ -31,7 +31,6 @@ NUMPY2_DOUBLE = "Input type (double) and bias type (float)"  # NumPy 2 promotes 
 # (attack, model) -> a piece of the error the UNPATCHED call raises on this stack (torch 2.14, NumPy 2, no extras).
 KNOWN_BROKEN: dict[tuple[str, str], str] = {
     **{(a, m): "'patch'" for a in ("AdversarialPatchNumpy",) for m in MODELS},  # np.float32 mean value
-    **{(a, m): "No module named 'multiprocess'" for a in ("AutoAttack",) for m in MODELS},
     **{(a, m): "No module named 'numba'" for a in ("BrendelBethgeAttack",) for m in MODELS},
     **{(a, m): "No module named 'kornia'" for a in ("CompositeAdversarialAttackPyTorch",) for m in MODELS},
     **{(a, m): "No module named 'cv2'" for a in ("GRAPHITEBlackbox", "GRAPHITEWhiteboxPyTorch") for m in MODELS},

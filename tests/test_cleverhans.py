@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from helpers import MODELS, compare, data, expect, run_python, tiny_cnn
+from helpers import MODELS, compare, data, expect, kept_live_names, run_python, tiny_cnn
 
 import sbpatch
 from sbpatch import freeze, registry
@@ -91,15 +91,8 @@ MODEL_FN_SHAPES: dict[str, Callable[[nn.Module], Any]] = {
 
 
 def _kept_live(model: nn.Module) -> set[str]:
-    """Names of the parameters the kernel-preserving rules (``sbpatch.keep_rules()``) leave live."""
-    rules = sbpatch.keep_rules()
-    out = set()
-    for prefix, mod in model.named_modules():
-        for cls in type(mod).__mro__:
-            for name in rules.get(f"{cls.__module__}.{cls.__qualname__}", ()):
-                if getattr(mod, name, None) is not None:
-                    out.add(f"{prefix}.{name}" if prefix else name)
-    return out
+    """Names of the parameters the kernel-preserving rules leave live."""
+    return kept_live_names(model)
 
 
 @contextmanager
