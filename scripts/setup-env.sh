@@ -41,5 +41,7 @@ PIP=(pip_install)
 "${PIP[@]}" --no-deps torchattacks==3.5.1 deeprobust==0.2.11 cleverhans==4.0.0 advertorch==0.2.3
 "${PIP[@]}" "adversarial-robustness-toolbox==1.20.1" "foolbox==3.3.4" scipy numpy tqdm texttable tensorboardX pillow \
     requests scikit-learn
+# The model zoo's architectures (tests/test_zoo.py, benchmarks/zoo.py); neither replaces torch.
+"${PIP[@]}" "timm==1.0.31" "transformers==4.57.6"
 "${PIP[@]}" --force-reinstall --no-deps .
 "${PIP[@]}" ".[test,bench]"
