@@ -8,12 +8,23 @@ Three measurements, each the median over batches of calls (CPU time), interleave
 * ``torchattacks``: a real library entry point, ``torchattacks.VANILA(model)(x, y)`` (it never runs the model),
   enabled versus inside ``sbpatch.paused()``.
 
-Target (issue 5): under 50 microseconds per call. Run: ``python benchmarks/overhead.py``.
+And the start-up cost of the ``SBPATCH`` hook (issue 9): wall time and peak RSS of a fresh ``python -c pass`` with
+``SBPATCH`` unset, ``SBPATCH=0`` and ``SBPATCH=all``, interleaved, medians; for reference, the same interpreter
+applying the compatibility shims eagerly (what ``enable()`` did before they moved into an import hook).
+
+Target (issue 5): under 50 microseconds per call. Run: ``python benchmarks/overhead.py`` (``--startup-only``: just
+the start-up rows, merged into an existing results file).
 """
 
 from __future__ import annotations
 
+import ast
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,13 +53,97 @@ def interleaved(a: Callable[[], Any], b: Callable[[], Any], n: int, rounds: int)
     return statistics.median(ta), statistics.median(tb), statistics.median(diff)
 
 
+EAGER_SHIMS = "from sbpatch import compat; [shim() for shim in compat.SHIMS.values()]"
+STARTUP_CASES: dict[str, tuple[str | None, str]] = {
+    "unset": (None, "pass"),
+    "SBPATCH=0": ("0", "pass"),
+    "SBPATCH=all": ("all", "pass"),
+    "shims applied eagerly (before)": (None, EAGER_SHIMS),
+}
+
+
+HWM = "\nprint(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))"
+
+
+def run_child(value: str | None, code: str) -> tuple[float, float, int]:
+    """Wall and CPU seconds and peak RSS (bytes) of one fresh interpreter running ``code`` with ``SBPATCH=value``.
+
+    CPU time (user + system, from the children's rusage) is what to compare on a loaded machine. The peak is the
+    child's own VmHWM (kB): getrusage's ru_maxrss would include the parent's pages at fork.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "SBPATCH"}
+    if value is not None:
+        env["SBPATCH"] = value
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code + HWM], env=env, cwd="/", capture_output=True, text=True)
+    wall = time.perf_counter() - t0  # the copy of sbpatch on PYTHONPATH, or the installed one
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    if out.returncode != 0 or out.stderr:
+        raise SystemExit(f"python -c {code!r} with SBPATCH={value!r}: exit {out.returncode}, {out.stderr.strip()}")
+    return wall, cpu, int(out.stdout.split()[-1]) * 1024
+
+
+def startup(rounds: int) -> dict[str, object]:
+    """Each case once per round, interleaved, after one warm-up round; medians."""
+    check = "import sys; print(sorted(m for m in ('sbpatch', 'torch', 'numpy', 'scipy') if m in sys.modules))"
+    env = dict(os.environ)
+    imported = {}
+    for name, (value, _) in list(STARTUP_CASES.items())[:3]:
+        case_env = {**env, "SBPATCH": value} if value is not None else {k: v for k, v in env.items() if k != "SBPATCH"}
+        out = subprocess.run([sys.executable, "-c", check], env=case_env, cwd="/", capture_output=True, text=True)
+        imported[name] = ast.literal_eval(out.stdout.strip())
+    samples: dict[str, list[tuple[float, float, int]]] = {name: [] for name in STARTUP_CASES}
+    for r in range(rounds + 1):
+        for name, (value, code) in STARTUP_CASES.items():
+            sample = run_child(value, code)
+            if r:
+                samples[name].append(sample)
+    return {
+        "rounds": rounds,
+        "cases": {
+            name: {
+                "wall_ms": statistics.median(w for w, _, _ in s) * 1e3,
+                "cpu_ms": statistics.median(c for _, c, _ in s) * 1e3,
+                "peak_rss_mib": statistics.median(m for _, _, m in s) / 2**20,
+                "modules_at_start": imported.get(name),
+            }
+            for name, s in samples.items()
+        },
+    }
+
+
+def print_startup(result: dict[str, object]) -> None:
+    print(f"start-up of python -c pass (medians of {result['rounds']} interleaved runs):")
+    for name, c in result["cases"].items():  # type: ignore[union-attr]
+        loaded = "" if c["modules_at_start"] is None else f"  imports {c['modules_at_start']}"
+        print(
+            f"  {name:32s} wall {c['wall_ms']:7.1f} ms  cpu {c['cpu_ms']:7.1f} ms  {c['peak_rss_mib']:6.1f} MiB{loaded}"
+        )
+
+
 def main() -> int:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet50")
     p.add_argument("--calls", type=int, default=2000, help="calls per batch")
     p.add_argument("--rounds", type=int, default=15, help="batches per measurement")
+    p.add_argument("--startup-rounds", type=int, default=15, help="interpreter starts per start-up case")
+    p.add_argument("--startup-only", action="store_true", help="only the start-up rows, merged into --out's file")
     args = p.parse_args()
     meta = _common.setup(args)
+    startup_result = startup(args.startup_rounds)
+    startup_result["date"] = meta["date"]
+    print_startup(startup_result)
+    if args.startup_only:
+        path = os.path.join(args.out, "overhead.json")
+        data = {"meta": meta}
+        if os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+        data["startup"] = startup_result
+        _common.write(args, "overhead", data)
+        return 0
 
     import torch
 
@@ -119,6 +214,7 @@ def main() -> int:
         "results": results,
         "target_us": 50,
         "met": worst < 50,
+        "startup": startup_result,
     }
     print(f"{args.model}: {n_params} parameter tensors; torch {meta['torch']}, {meta['threads']} thread(s)")
     print(f"  first call (cold cache): {results['first_call_us']:.1f} us")
