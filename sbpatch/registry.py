@@ -35,6 +35,8 @@ INTEGRATIONS: dict[str, str] = {
     "advertorch": "sbpatch.contrib.advertorch",
     "deeprobust": "sbpatch.contrib.deeprobust",
     "cleverhans": "sbpatch.contrib.cleverhans",
+    "openattack": "sbpatch.contrib.openattack",
+    "textattack": "sbpatch.contrib.textattack",
 }
 
 

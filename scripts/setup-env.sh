@@ -43,5 +43,8 @@ PIP=(pip_install)
     requests scikit-learn
 # The model zoo's architectures (tests/test_zoo.py, benchmarks/zoo.py); neither replaces torch.
 "${PIP[@]}" "timm==1.0.31" "transformers==4.57.6"
+# The text-attack libraries (tests/test_openattack.py, test_textattack.py, benchmarks/table4.py); they resolve
+# without touching torch or numpy. Their data (NLTK, embeddings, models) is never downloaded: the tests build it.
+"${PIP[@]}" "transformers<5" OpenAttack==2.1.1 textattack==0.3.11
 "${PIP[@]}" --force-reinstall --no-deps .
 "${PIP[@]}" ".[test,bench]"
