@@ -48,6 +48,10 @@ _guards: dict[int, list[Any]] = {}
 # id(param) -> [param, saved .grad]: frozen parameters a run-time rule made live again during the call.
 _promoted: dict[int, list[Any]] = {}
 _active: set[Group] = set()  # groups with at least one holder
+# id(param) -> the last value the user (or the library) wrote to requires_grad of a parameter sbpatch held frozen:
+# a parameter set to False inside the call stays False afterwards.
+_writes: dict[int, bool] = {}
+_watching = False
 # The only active group, while it is alone: its parameters are not written to the ledger.
 _exclusive: Group | None = None
 
@@ -488,6 +492,65 @@ def _deref(ref: Any) -> Any:
     return ref()
 
 
+# --- the user's own writes during a frozen call -------------------------------------------------------------------
+# While sbpatch holds parameters, ``nn.Parameter.requires_grad`` (attribute) and ``requires_grad_`` (method) are
+# shadowed by thin wrappers over torch's own, which note a write to a parameter sbpatch froze. Writes made by sbpatch
+# itself (under its lock) are not noted. Installed after sbpatch's own flips and removed before its restores, so the
+# hot path pays two class-attribute writes per call; only Parameter (not every tensor) is shadowed, so the attack's
+# own tensors keep torch's attribute and their type caches.
+
+_rg_descriptor: Any = None
+_rg_method: Any = None
+_rg_property: Any = None
+
+
+def _note_write(p: Any, value: Any) -> None:
+    if _lock.locked():
+        return
+    with _lock:
+        if _frozen_by_sbpatch(p):
+            _writes[id(p)] = bool(value)
+
+
+def _set_requires_grad(self: Any, value: Any) -> None:
+    _rg_descriptor.__set__(self, value)
+    _note_write(self, value)
+
+
+def _requires_grad_(self: Any, requires_grad: bool = True) -> Any:
+    out = _rg_method(self, requires_grad)
+    _note_write(self, requires_grad)
+    return out
+
+
+def _watch(on: bool) -> None:
+    global _watching, _rg_descriptor, _rg_method, _rg_property
+    if on == _watching:
+        return
+    tensor = _torch.nn.Parameter
+    if _rg_property is None:
+        _rg_descriptor = _torch._C.TensorBase.__dict__["requires_grad"]
+        _rg_method = _torch._C.TensorBase.requires_grad_
+        _rg_property = property(_rg_descriptor.__get__, _set_requires_grad, doc=_rg_descriptor.__doc__)
+        functools.update_wrapper(_requires_grad_, _rg_method, assigned=("__doc__",))
+    if on:
+        if "requires_grad" in tensor.__dict__ or "requires_grad_" in tensor.__dict__:
+            return  # someone else shadows them: leave theirs alone
+        tensor.requires_grad = _rg_property
+        tensor.requires_grad_ = _requires_grad_
+    else:
+        if tensor.__dict__.get("requires_grad") is _rg_property:
+            del tensor.requires_grad
+        if tensor.__dict__.get("requires_grad_") is _requires_grad_:
+            del tensor.requires_grad_
+    _watching = on
+
+
+def _wanted_false(p: Any) -> bool:
+    """Whether the user set ``p.requires_grad = False`` while sbpatch held it (then it stays False)."""
+    return _writes.pop(id(p), None) is False
+
+
 # --- acquire / release ---------------------------------------------------------------------------------------
 
 
@@ -554,6 +617,7 @@ def _freeze(group: Group) -> None:
         if sub is not None:
             sub._forward_pre_hooks[key] = probe
             sub._forward_pre_hooks_with_kwargs[key] = True
+    _watch(True)
 
 
 def _migrate(group: Group) -> None:
@@ -584,6 +648,8 @@ def release(holder: Holder) -> None:
 
 def _unfreeze(group: Group) -> None:
     global _exclusive
+    if _active <= {group}:
+        _watch(False)
     key = group.key
     for ref, _ in group.probes:
         sub = ref()
@@ -602,6 +668,8 @@ def _unfreeze(group: Group) -> None:
                 del _guards[id(p)]
     if group is _exclusive:
         owned = group.owned
+        if _writes:
+            owned = [p for p in owned if not _wanted_false(p)]
         for p in owned:
             p.requires_grad = True
         if _promoted:
@@ -614,6 +682,8 @@ def _unfreeze(group: Group) -> None:
         _release_counted(group, [(id(p), p) for r in group.refs if (p := r()) is not None])
     group.owned = []
     _active.discard(group)
+    if not _active:
+        _writes.clear()
 
 
 def _release_counted(group: Group, params: list[tuple[int, Any]]) -> None:
@@ -626,7 +696,8 @@ def _release_counted(group: Group, params: list[tuple[int, Any]]) -> None:
         if group in holders or not holders:
             holders.discard(group)
             if not holders:
-                p.requires_grad = True
+                if not (_writes and _wanted_false(p)):
+                    p.requires_grad = True
                 if _promoted:
                     _unpromote(p)
                 del ledger[key]

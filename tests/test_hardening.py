@@ -307,3 +307,25 @@ def test_models_with_hooks_referencing_them_are_not_kept_alive():
         del model, p
     gc.collect()
     assert sum(r() is not None for r in refs) == 0
+
+
+def test_a_parameter_set_to_false_inside_the_call_stays_false():
+    model, other = tiny_cnn(), tiny_cnn()
+    other.head = model.head  # a second group on shared parameters: the ledger path
+    with sbpatch.frozen(model):
+        model.head.weight.requires_grad = False  # attribute write
+        model.hidden.requires_grad_(False)  # Module.requires_grad_ -> Tensor.requires_grad_
+        with sbpatch.frozen(other):
+            other.conv.weight.requires_grad_(False)
+            model.head.bias.requires_grad = True  # set True inside: live afterwards too
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == [
+        "conv.bias",  # the user froze it before
+        "hidden.weight",
+        "hidden.bias",
+        "head.weight",
+    ]
+    assert not other.conv.weight.requires_grad and other.bn.weight.requires_grad
+    assert "requires_grad" not in nn.Parameter.__dict__ and "requires_grad_" not in nn.Parameter.__dict__
+    x = torch.zeros(2, requires_grad=True)  # torch's own attribute again, untouched
+    assert x.requires_grad
+    assert_idle()
