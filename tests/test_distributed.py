@@ -72,13 +72,17 @@ def counted(ddp):
     return n
 
 
-def collectives(fn):
-    """fn() under the profiler: the names of the gloo collectives it issued."""
+def collect(fn):
+    """(fn(), the names of the gloo collectives it issued), seen by the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sorted(e.name for e in prof.events() if e.name.startswith("gloo:"))
+        result = fn()
+    return result, sorted(e.name for e in prof.events() if e.name.startswith("gloo:"))
+
+
+def collectives(fn):
+    return collect(fn)[1]
 
 
 def same_on_all_ranks(t):
@@ -216,6 +220,48 @@ def work(rank, port, out):
     res["comm_free_allreduce"] = n3["calls"]
     res["bare_error"] = partly_frozen_steps(DDP(tiny_vit()), contextlib.nullcontext())
 
+    # --- FSDP2: fully_shard on CPU/gloo, the same transformer ---------------------------------------------------
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2,))
+    sharded = tiny_vit()
+    for layer in sharded.encoder.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    opt3 = torch.optim.SGD(sharded.parameters(), lr=0.1)
+
+    def fsdp_grads():
+        opt3.zero_grad()
+        sharded.train()
+        F.cross_entropy(sharded(x), y).backward()
+        sharded.eval()
+        return [None if p.grad is None else p.grad.to_local().clone() for p in sharded.parameters()]
+
+    reference = fsdp_grads()  # also FSDP's lazy initialisation
+    opt3.zero_grad()
+    res["fsdp_dtensor"] = type(next(sharded.parameters())).__name__
+    flags3 = [p.requires_grad for p in sharded.parameters()]
+    attack = torchattacks.CW(sharded, steps=2)
+    torch.manual_seed(0)
+    with sbpatch.paused():
+        expected = attack(x, y)
+    opt3.zero_grad()
+    calls = sbpatch.status()["torchattacks"].calls
+    torch.manual_seed(0)
+    got, res["fsdp_collectives"] = collect(lambda: attack(x, y))
+    res["fsdp_identical"] = torch.equal(expected, got) and sbpatch.status()["torchattacks"].calls > calls
+    res["fsdp_flags_restored"] = [p.requires_grad for p in sharded.parameters()] == flags3
+    res["fsdp_grads_untouched"] = all(p.grad is None for p in sharded.parameters())
+    res["fsdp_train_collectives"] = collectives(lambda: res.setdefault("fsdp_after", fsdp_grads()))
+    after = res.pop("fsdp_after")
+    res["fsdp_same_training_grads"] = all(
+        a is b if a is None or b is None else torch.equal(a, b) for a, b in zip(reference, after)
+    )
+    before = [p.detach().to_local().clone() for p in sharded.parameters()]
+    opt3.step()
+    res["fsdp_updated"] = any(not torch.equal(a, p.detach().to_local()) for a, p in zip(before, sharded.parameters()))
+
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
     dist.barrier()
@@ -276,3 +322,15 @@ def test_comm_free_lets_a_partly_frozen_ddp_model_run(ddp_ranks):
     for res in ddp_ranks:
         assert "Expected to have finished reduction" in res["bare_error"]
         assert res["comm_free_error"] == "" and res["comm_free_allreduce"] == 0
+
+
+def test_fsdp2_attack_identical_without_gradient_reduction(ddp_ranks):
+    """fully_shard on CPU/gloo: identical to unpatched; the attack only all-gathers (FSDP's way of getting the
+    weights: ranks run the same number of forwards), never reduces; flags restored on the DTensor parameters; the
+    next training step reduces exactly the gradients it would have without the attack, and updates."""
+    for res in ddp_ranks:
+        assert res["fsdp_dtensor"] == "DTensor"
+        assert res["fsdp_identical"] and res["fsdp_flags_restored"] and res["fsdp_grads_untouched"]
+        assert res["fsdp_collectives"] and set(res["fsdp_collectives"]) == {"gloo:all_gather"}
+        assert any("reduce" in name for name in res["fsdp_train_collectives"])
+        assert res["fsdp_same_training_grads"] and res["fsdp_updated"]
