@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
+import re
 import runpy
 import shutil
 import sys
@@ -47,32 +49,98 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(message: str) -> int:
+    """One line on stderr, exit status 2 (a bad argument, as argparse does)."""
+    print(f"sbpatch run: {message}", file=sys.stderr)
+    return 2
+
+
+def _module_error(name: str) -> str | None:
+    """Why ``python -m name`` could not start (the message Python gives), or None when it can."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a parent package that does not exist, a relative or empty name
+        spec = None
+    if spec is None:
+        return f"No module named {name!r}"
+    if spec.submodule_search_locations is not None:  # a package runs its __main__
+        try:
+            main = importlib.util.find_spec(f"{name}.__main__")
+        except ImportError:
+            main = None
+        if main is None:
+            return f"No module named '{name}.__main__'; {name!r} is a package and cannot be directly executed"
+    return None
+
+
+def _is_script(path: str) -> bool:
+    """A Python file (or a directory or zip with ``__main__.py``) rather than a command on PATH."""
+    if path.endswith((".py", ".pyw", ".pyz")):
+        return True
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "__main__.py"))
+    return os.path.isfile(path) and not os.access(path, os.X_OK)
+
+
+def _python_names() -> set[str]:
+    """Command names that mean "this Python" (``python3.11`` only when it is this version)."""
+    v = sys.version_info
+    return {"python", f"python{v.major}", f"python{v.major}.{v.minor}"}
+
+
 def _run(args: argparse.Namespace) -> int:
     """Run a script, a module (-m) or a command with the libraries enabled, in the manner of ``ddtrace-run``."""
     libraries = args.libraries or []
     if not args.target:
-        print("sbpatch run: give a script, -m MODULE, or a command", file=sys.stderr)
-        return 2
+        return _fail("give a script, -m MODULE, or a command")
     first, rest = args.target[0], args.target[1:]
-    is_script = first.endswith(".py") or (os.path.isfile(first) and not os.access(first, os.X_OK))
-    if args.module or is_script:
+    if args.module:
+        sys.path[0] = os.getcwd()  # as `python -m` does: modules in the current directory are found
+        sbpatch.enable(*libraries)  # before the module's parent packages are imported (shims)
+        error = _module_error(first)
+        if error is not None:
+            return _fail(error)
+        sys.argv = [first, *rest]
+        runpy.run_module(first, run_name="__main__", alter_sys=True)
+        return 0
+    if _is_script(first):
+        if not os.path.exists(first):
+            return _fail(f"can't open file {first!r}: No such file or directory")
         sbpatch.enable(*libraries)
-        if args.module:
-            sys.argv = [first, *rest]
-            runpy.run_module(first, run_name="__main__", alter_sys=True)
-        else:
-            sys.argv = [first, *rest]
-            sys.path.insert(0, os.path.dirname(os.path.abspath(first)))
-            runpy.run_path(first, run_name="__main__")
+        sys.argv = [first, *rest]
+        sys.path[0] = os.path.dirname(os.path.abspath(first))  # as `python script.py` does
+        runpy.run_path(first, run_name="__main__")
         return 0
     # Any other command (python, pytest, ...): the start-up hook installed with sbpatch reads SBPATCH.
-    executable = shutil.which(first)
-    if executable is None:
-        print(f"sbpatch run: {first!r} is neither a Python file nor a command on PATH", file=sys.stderr)
-        return 2
+    if first in _python_names() and sys.executable:
+        # `python` means the interpreter sbpatch is installed in (the one whose start-up hook reads SBPATCH), not
+        # whichever `python` comes first on PATH (an unactivated venv).
+        executable = argv0 = sys.executable
+    else:
+        executable, argv0 = shutil.which(first), first
+        if executable is None:
+            return _fail(f"{first!r} is neither a Python file nor a command on PATH")
     os.environ[config.ENV_VAR] = ",".join(libraries) if libraries else "all"
-    os.execv(executable, [first, *rest])
+    os.execv(executable, [argv0, *rest])
     return 0  # not reached
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option shows its default: appended unless its help already names it; flags read "default: off"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        if action.nargs == 0:  # store_true and the like
+            return f"{text} (default: off)" if action.default is False else text
+        return f"{text} (default: %(default)s)"
+
+
+def plain(text: str) -> str:
+    """Help text from a docstring: reStructuredText roles and literals (``x``, :func:`x`) as plain text."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return re.sub(r"``([^`]+)``", r"\1", text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,11 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sbpatch",
         description="Freeze the victim model's parameters during adversarial attacks of existing libraries "
         "(semi-backward propagation): identical adversarial examples, less work.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sbpatch {sbpatch.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("status", help="show what sbpatch patches in this environment")
+    p = sub.add_parser("status", help="show what sbpatch patches in this environment", formatter_class=HelpFormatter)
     p.add_argument("--libraries", type=library_list, default=None, help=f"comma list of: {valid} (default: all)")
     p.add_argument("-v", "--verbose", action="store_true", help="also list every patched and excluded target")
     p.set_defaults(func=_status)
@@ -93,10 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run a Python script, module or command with sbpatch enabled",
-        description="sbpatch run [--libraries L,...] script.py args... | -m module args... | command args...",
+        description="sbpatch run [--libraries L,...] script.py args... | -m module args... | command args... "
+        "A script or module runs in this interpreter with the libraries enabled; any other command runs with "
+        "SBPATCH set (python/python3 means this interpreter). A missing script, module or command exits 2.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--libraries", type=library_list, default=None, help=f"comma list of: {valid} (default: all)")
-    p.add_argument("-m", dest="module", action="store_true", help="run a module as a script, like python -m")
+    p.add_argument("-m", dest="module", action="store_true",
+                   help="run a module as a script, like python -m (the current directory is searched first)")
     p.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args...], module [args...] or a command")
     p.set_defaults(func=_run)
 
@@ -107,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != module:
                 raise
             continue
-        help_text = (mod.__doc__ or name).strip().splitlines()[0]
-        p = sub.add_parser(name, help=help_text, description=mod.__doc__)
+        description = plain(getattr(mod, "DESCRIPTION", None) or mod.__doc__ or name)
+        p = sub.add_parser(name, help=description.strip().split(". ")[0].splitlines()[0], description=description,
+                           formatter_class=HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
     return parser

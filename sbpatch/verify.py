@@ -1,9 +1,10 @@
 """Check sbpatch's promise on your own model: run the installed libraries' attacks unpatched and patched.
 
-``sbpatch.verify(model, inputs, labels)`` runs every attack sbpatch knows for each installed library (the contrib
-modules' ``cases()``) twice with the same seeds, first straight through (``sbpatch.paused()``), then patched, and
-reports per attack: identical or DIFFERENT, and the time ratio unpatched/patched. ``sbpatch verify`` does the same from
-the command line on a named model.
+``sbpatch.verify(model, inputs, labels)`` runs attacks of each installed library (the contrib modules' ``cases()``)
+twice with the same seeds, first straight through (``sbpatch.paused()``), then patched, and reports per attack:
+identical or DIFFERENT, and the time ratio unpatched/patched. By default it runs a representative set per library
+(:data:`REPRESENTATIVE`: PGD, an attack that calls ``backward()``, a query-only attack); ``attacks="all"`` runs every
+one. ``sbpatch verify`` does the same from the command line on a random-initialised model.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import random
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -18,6 +20,7 @@ from typing import Any
 
 from sbpatch import registry
 from sbpatch._table import format_table
+from sbpatch.errors import ConfigError
 from sbpatch.freeze import held_count
 from sbpatch.patching import paused
 
@@ -73,7 +76,16 @@ class VerifyResult:
 
 
 class VerifyReport(list):
-    """``verify()``'s result: a list of :class:`VerifyResult` that prints as a table."""
+    """``verify()``'s result: a list of :class:`VerifyResult` that prints as a table.
+
+    ``notes``: lines printed under the table (what was run, how to run the rest). ``kept_live``: parameters that
+    sbpatch kept trainable during the attacks, name -> why (printed under the table when not empty).
+    """
+
+    def __init__(self, results: Iterable[VerifyResult] = ()) -> None:
+        super().__init__(results)
+        self.notes: list[str] = []
+        self.kept_live: dict[str, str] = {}
 
     def __str__(self) -> str:
         headers = ("library", "attack", "result", "unpatched s", "patched s", "speed-up")
@@ -86,12 +98,66 @@ class VerifyReport(list):
         lines = format_table(headers, rows)
         counts = {k: sum(r.result == k for r in self) for k in ("identical", "DIFFERENT", "library-broken")}
         lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
+        if self.kept_live:
+            lines.append("kept live (not frozen) during the attacks:")
+            lines += [f"  {name}: {why}" for name, why in self.kept_live.items()]
+        lines += self.notes
         return "\n".join(lines)
 
     @property
     def ok(self) -> bool:
         """No attack gave a different result patched."""
         return all(r.result != "DIFFERENT" for r in self)
+
+
+# The default set per library: PGD (mapped through sbpatch.bench.workloads.PGD_NAMES), an attack that calls
+# backward() with live parameters (where freezing changes the most), and a query-only attack (frozen forward passes
+# without an input gradient: the fused attention path). About a minute in all with the CLI defaults on 2 cores;
+# attacks="all" (`sbpatch verify --all`) runs every case.
+REPRESENTATIVE: dict[str, tuple[str, ...]] = {
+    "torchattacks": ("PGD", "CW", "Square"),
+    "art": ("PGD", "CarliniL2Method", "HopSkipJump"),
+    "foolbox": ("PGD", "L2CarliniWagnerAttack", "HopSkipJumpAttack"),
+    "advertorch": ("PGD", "CarliniWagnerL2Attack", "LinfSPSAAttack"),
+    "deeprobust": ("PGD", "CarliniWagner", "NATTACK"),
+    "cleverhans": ("PGD", "carlini_wagner_l2", "hop_skip_jump_attack"),
+}
+# What `sbpatch verify --all` costs with the CLI defaults (cnn, 32 px, batch 4, 2 steps), measured on 2 cores.
+FULL_SET_DURATION = "about 15 minutes"
+
+
+def select(library: str, cases: dict[str, Any], attacks: Iterable[str] | str | None) -> list[str]:
+    """The case names of ``library`` to run: ``None`` the representative set, ``"all"`` every case, or the named
+    attacks present in this library (``PGD`` mapped to the library's own PGD)."""
+    if attacks == "all":
+        return sorted(cases)
+    wanted = REPRESENTATIVE.get(library, ("PGD",)) if attacks is None else attacks
+    out: list[str] = []
+    for name in wanted:
+        case = pgd_case(library, cases) if name == "PGD" else name if name in cases else None
+        if case is not None and case not in out:
+            out.append(case)
+    return out
+
+
+def pgd_case(library: str, cases: dict[str, Any]) -> str | None:
+    """The case that ``PGD`` means in ``library`` (the mapping ``sbpatch bench`` uses)."""
+    from sbpatch.bench.workloads import PGD_NAMES
+
+    return next((n for n in PGD_NAMES.get(library, ("PGD",)) if n in cases), None)
+
+
+def _check_attacks(attacks: list[str], cases: dict[str, dict[str, Any]]) -> None:
+    """Raise ConfigError naming the valid attacks when a name matches no selected library."""
+    known = {n for c in cases.values() for n in c} | {"PGD"}
+    bad = [a for a in attacks if a not in known]
+    if not bad:
+        return
+    per_library = "\n".join(f"  {lib}: {', '.join(sorted(c, key=str.lower))}" for lib, c in cases.items())
+    raise ConfigError(
+        f"unknown attack {', '.join(map(repr, bad))}; valid: PGD (each library's own PGD), 'all', or a name of:\n"
+        f"{per_library}"
+    )
 
 
 def _cases(library: str) -> dict[str, Any]:
@@ -121,43 +187,65 @@ def verify(
     inputs: Any,
     labels: Any,
     libraries: Iterable[str] | None = None,
-    attacks: Iterable[str] | None = None,
+    attacks: Iterable[str] | str | None = None,
     steps: int = 2,
     seed: int = 0,
     progress: bool = True,
 ) -> VerifyReport:
-    """Run each installed library's attacks on ``model`` unpatched and patched; report identical/DIFFERENT and time.
+    """Run installed libraries' attacks on ``model`` unpatched and patched; report identical/DIFFERENT and time.
 
     ``inputs``: a float tensor in [0, 1] of shape (N, C, H, W); ``labels``: int64 class labels; the model returns
-    logits. ``libraries`` defaults to every installed, supported one; ``attacks`` filters by attack name. The model's
+    logits. ``libraries`` defaults to every installed, supported one. ``attacks``: None for a representative set per
+    library (:data:`REPRESENTATIVE`), ``"all"`` for every attack, or names (``"PGD"`` means each library's own PGD);
+    a name no selected library has raises :class:`~sbpatch.errors.ConfigError` naming the valid ones. ``progress``:
+    a progress bar on a terminal, otherwise one line per attack on stderr as it finishes. The model's
     ``requires_grad`` flags, ``.grad`` and train/eval modes are put back as they were after each attack. Libraries
     that were not enabled are enabled for the run and disabled again afterwards.
     """
-    names = registry.check_names(list(libraries)) if libraries else list(registry.INTEGRATIONS)
-    wanted = set(attacks) if attacks else None
+    from sbpatch.bench.workloads import image_libraries
+
+    # by default the image libraries: the text ones' cases() take a text victim (sbpatch.bench.text.TextVictim)
+    names = registry.check_names(list(libraries)) if libraries else image_libraries()
+    if isinstance(attacks, str) and attacks != "all":
+        attacks = [attacks]
+    wanted = None if attacks is None or attacks == "all" else list(attacks)
     report = VerifyReport()
-    jobs: list[tuple[str, str, Any]] = []
+    cases: dict[str, dict[str, Any]] = {}
     enabled_here = []
-    for name in names:
-        if registry.why_not(name) is not None:
-            continue
-        if not registry.counters(name).enabled:
-            registry.enable(name)
-            enabled_here.append(name)
-        try:
-            cases = _cases(name)
-        except Exception as exc:  # the library does not import on this stack
-            report.append(VerifyResult(name, "*", "library-broken", error=f"{type(exc).__name__}: {exc}"))
-            continue
-        jobs += [(name, attack, build) for attack, build in sorted(cases.items()) if not wanted or attack in wanted]
-    bar = _progress(len(jobs), progress)
     try:
-        for library, attack, build in jobs:
-            bar.set_description(f"{library} {attack}")
-            report.append(_one(library, attack, build, model, inputs, labels, steps, seed))
-            bar.update(1)
+        for name in names:
+            if registry.why_not(name) is not None:
+                continue
+            if not registry.counters(name).enabled:
+                registry.enable(name)
+                enabled_here.append(name)
+            try:
+                cases[name] = _cases(name)
+            except Exception as exc:  # the library does not import on this stack
+                report.append(VerifyResult(name, "*", "library-broken", error=f"{type(exc).__name__}: {exc}"))
+        if wanted is not None:
+            _check_attacks(wanted, cases)
+        jobs = [
+            (name, attack, lib_cases[attack])
+            for name, lib_cases in cases.items()
+            for attack in select(name, lib_cases, "all" if attacks == "all" else wanted)
+        ]
+        if attacks is None:
+            total = sum(len(c) for c in cases.values())
+            report.notes.append(
+                f"ran a representative set: {len(jobs)} of {total} attacks; every attack: attacks='all' "
+                f"(sbpatch verify --all, {FULL_SET_DURATION} with its defaults on 2 cores)"
+            )
+        bar = _progress(len(jobs), progress)
+        try:
+            for library, attack, build in jobs:
+                bar.start(f"{library} {attack}")
+                result = _one(library, attack, build, model, inputs, labels, steps, seed)
+                report.append(result)
+                bar.done(result)
+        finally:
+            bar.close()
     finally:
-        bar.close()
         for name in enabled_here:
             registry.disable(name)
     return report
@@ -190,25 +278,58 @@ def _one(library: str, attack: str, build: Any, model: Any, x: Any, y: Any, step
     return VerifyResult(library, attack, "identical" if same else "DIFFERENT", unpatched, patched)
 
 
-class _NoBar:
-    def set_description(self, _: str) -> None: ...
+class _Progress:
+    """Progress of a verify run: nothing, a tqdm bar on a terminal, or one line per attack on stderr (CI logs)."""
 
-    def update(self, _: int) -> None: ...
+    def __init__(self, total: int, mode: str) -> None:
+        self.total, self.mode, self.count, self.bar = total, mode, 0, None
+        self.started = time.perf_counter()
+        if mode == "bar":
+            from tqdm import tqdm
 
-    def close(self) -> None: ...
+            self.bar = tqdm(total=total, unit="attack", leave=False, file=sys.stderr)
+
+    def start(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(label)
+
+    def done(self, r: VerifyResult) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.mode == "lines":
+            times = f"{r.unpatched_s:.2f} s unpatched, {r.patched_s:.2f} s patched" if r.patched_s else r.error[:80]
+            elapsed = time.perf_counter() - self.started
+            print(f"[{self.count}/{self.total} {elapsed:.0f} s] {r.library} {r.attack}: {r.result} ({times})",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool) -> _Progress:
     if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, unit="attack", leave=False)
+        return _Progress(total, "off")
+    if sys.stderr.isatty():
+        try:
+            import tqdm  # noqa: F401
+        except ImportError:
+            return _Progress(total, "lines")
+        return _Progress(total, "bar")
+    return _Progress(total, "lines")
 
 
 # --- command line ----------------------------------------------------------------------------------------------
+
+
+DESCRIPTION = (
+    "Check sbpatch's promise on a random-initialised model: run the installed libraries' attacks unpatched, then "
+    "patched with the same seeds, and report per attack identical or DIFFERENT and the time ratio. By default a "
+    "representative set per library (its PGD, an attack that calls backward(), a query-only attack; about a minute "
+    f"on 2 cores); --all runs every attack ({FULL_SET_DURATION}). Exit status: 0 all identical (or library-broken), "
+    "1 an attack differs, 2 a bad option. On your own model call sbpatch.verify(model, inputs, labels) from Python."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -216,14 +337,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from sbpatch.bench.workloads import MODELS
     from sbpatch.cli import library_list
 
-    parser.add_argument("--model", choices=MODELS, default="cnn", help="a random-initialised model (default cnn)")
-    parser.add_argument("--batch-size", type=_positive, default=4)
-    parser.add_argument("--image-size", type=_positive, default=32)
-    parser.add_argument("--steps", type=_positive, default=2, help="iterations of iterative attacks (default 2)")
-    parser.add_argument("--libraries", type=library_list, default=None, help="comma list (default: all installed)")
-    parser.add_argument("--attacks", type=lambda s: [a for a in s.split(",") if a], default=None)
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads")
+    parser.add_argument("--model", choices=MODELS, default="cnn", help="a random-initialised model")
+    parser.add_argument("--batch-size", type=_positive, default=4, help="images per attack call")
+    parser.add_argument("--image-size", type=_positive, default=32, help="pixels (vit_b_16: a multiple of 16)")
+    parser.add_argument("--steps", type=_positive, default=2, help="iterations of iterative attacks")
+    parser.add_argument("--libraries", type=library_list, default=None, metavar="LIB[,LIB]",
+                        help=f"comma list of: {', '.join(registry.INTEGRATIONS)} (default: every installed one)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--attacks", type=_names, default=None, metavar="NAME[,NAME]",
+                       help="attacks to run: PGD (each library's own) or a library's attack name, e.g. CW, "
+                       "DeepFool (default: a representative set per library)")
+    group.add_argument("--all", action="store_true", help=f"run every attack of every library ({FULL_SET_DURATION})")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON (default: none)")
+    parser.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--quiet", action="store_true", help="no progress (bar on a terminal, else a line per attack)")
+
+
+def _names(text: str) -> list[str]:
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected one or more attack names")
+    return names
 
 
 def _positive(text: str) -> int:
@@ -237,8 +371,14 @@ def _positive(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``sbpatch verify``: exit 0 when every attack is identical (or library-broken), 1 when one differs."""
+    """``sbpatch verify``: exit 0 when every attack is identical (or library-broken), 1 when one differs, 2 on a bad
+    option."""
     import json
+
+    if args.model == "vit_b_16" and args.image_size % 16:
+        print(f"sbpatch verify: error: --image-size {args.image_size}: vit_b_16 needs a multiple of 16",
+              file=sys.stderr)
+        return 2
 
     import torch
 
@@ -248,7 +388,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = build_model(args.model, args.image_size)
     x, y = make_data(args.batch_size, args.image_size)
-    report = verify(model, x, y, libraries=args.libraries or None, attacks=args.attacks, steps=args.steps)
+    attacks = "all" if getattr(args, "all", False) else args.attacks
+    try:
+        report = verify(model, x, y, libraries=args.libraries or None, attacks=attacks, steps=args.steps,
+                        progress=not getattr(args, "quiet", False))
+    except ConfigError as exc:
+        print(f"sbpatch verify: error: {exc}", file=sys.stderr)
+        return 2
     print(report)
     if args.json:
         with open(args.json, "w") as f:

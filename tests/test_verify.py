@@ -1,4 +1,5 @@
-"""sbpatch.verify() and `sbpatch verify` on a user's model: identical table, state left as found."""
+"""sbpatch.verify() and `sbpatch verify` on a user's model: identical table, state left as found; a representative
+default set, PGD mapped per library, unknown attacks rejected naming the valid ones, a line per attack in CI logs."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from helpers import data, tiny_cnn
 
 import sbpatch
-from sbpatch import registry
+from sbpatch import cli, registry
+from sbpatch.verify import REPRESENTATIVE, _cases, select
 
 
 def test_verify_reports_identical_and_leaves_model_as_found():
@@ -65,3 +68,58 @@ def test_verify_cli_json(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sbpatch", "verify", "--model", "resnet9"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "resnet18" in bad.stderr
+
+
+def test_default_is_a_representative_set_and_says_how_to_run_everything(capsys):
+    model = tiny_cnn()
+    x, y = data()
+    report = sbpatch.verify(model, x, y, libraries=["torchattacks", "cleverhans"], progress=False)
+    assert [(r.library, r.attack) for r in report] == [
+        ("torchattacks", "PGD"), ("torchattacks", "CW"), ("torchattacks", "Square"),
+        ("cleverhans", "projected_gradient_descent"), ("cleverhans", "carlini_wagner_l2"),
+        ("cleverhans", "hop_skip_jump_attack"),
+    ]
+    assert report.ok
+    text = str(report)
+    assert "representative set: 6 of" in text and "--all" in text and "minutes" in text
+
+
+def test_every_representative_attack_exists_in_its_library():
+    for library, names in REPRESENTATIVE.items():
+        if registry.why_not(library) is not None:
+            continue
+        cases = _cases(library)
+        assert len(select(library, cases, None)) == len(names), (library, names)
+
+
+def test_pgd_is_mapped_per_library_as_bench_does():
+    model = tiny_cnn()
+    x, y = data()
+    report = sbpatch.verify(model, x, y, libraries=["foolbox", "cleverhans", "torchattacks"], attacks=["PGD"],
+                            progress=False)
+    assert [(r.library, r.attack, r.result) for r in report] == [
+        ("foolbox", "LinfProjectedGradientDescentAttack", "identical"),
+        ("cleverhans", "projected_gradient_descent", "identical"),
+        ("torchattacks", "PGD", "identical"),
+    ]
+
+
+def test_unknown_attack_raises_naming_the_valid_ones(capsys):
+    model = tiny_cnn()
+    x, y = data()
+    with pytest.raises(sbpatch.ConfigError) as exc:
+        sbpatch.verify(model, x, y, libraries=["torchattacks"], attacks=["NOSUCH"], progress=False)
+    assert "NOSUCH" in str(exc.value) and "DeepFool" in str(exc.value) and "PGD" in str(exc.value)
+    assert cli.main(["verify", "--libraries", "torchattacks", "--attacks", "PGD,NOSUCH", "--image-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sbpatch verify: error: unknown attack 'NOSUCH'") and "torchattacks: APGD" in err
+
+
+def test_progress_is_a_line_per_attack_when_not_a_terminal(capsys):
+    model = tiny_cnn()
+    x, y = data()
+    sbpatch.verify(model, x, y, libraries=["torchattacks"], attacks=["FGSM", "PGD"], progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("[1/2 ") and "torchattacks FGSM: identical (" in lines[0]
+    assert lines[1].startswith("[2/2 ") and "torchattacks PGD: identical (" in lines[1]
