@@ -140,3 +140,67 @@ def test_python_m_sbpatch_bench(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sbpatch", "bench", "--model", "nope"], capture_output=True,
                          text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "resnet50" in bad.stderr
+
+
+def _row(library: str, attack: str, case: str, times: dict[str, list[float]]) -> runner.RowResult:
+    r = runner.RowResult(library, attack, case)
+    r.columns = {k: runner.Column(wall=list(v), cpu=list(v)) for k, v in times.items()}
+    r.identical = r.engaged = True
+    return r
+
+
+def test_plot_marks_the_pgd_reference_shows_the_spread_and_stays_readable_with_an_outlier():
+    from matplotlib.container import BarContainer
+
+    from sbpatch.bench import report
+
+    rows = [  # seconds per round, 3 interleaved rounds; art is a 12x outlier, cleverhans a 1.1x row
+        _row("art", "PGD", "ProjectedGradientDescent",
+             {"shipped": [12, 12, 12], "oneliner": [1.1, 1, 0.9], "sbpatch": [1, 1, 1], "limit": [1, 1, 1]}),
+        _row("cleverhans", "PGD", "projected_gradient_descent",
+             {"shipped": [1.1, 1.1, 1.1], "oneliner": [1, 1, 1], "sbpatch": [0.9, 1, 1.05], "limit": [1, 1, 1]}),
+        _row("torchattacks", "CW", "CW",
+             {"shipped": [2, 2, 2], "oneliner": [1, 1, 1], "sbpatch": [1, 1, 1], "limit": [4, 4, 4]}),
+    ]
+    meta = {"torch": "x", "device": "cpu", "threads": 1}
+    config = {"metric": "cpu", "model": "cnn", "batch_size": 2, "image_size": 8, "steps": 2}
+    fig = report.figure(meta, config, rows)
+    ax = fig.axes[0]
+    bars = {c.get_label(): c for c in ax.containers if isinstance(c, BarContainer)}
+    assert set(bars) == {"one-liner", "sbpatch", "limit"}
+    # the limit of the CW row is a PGD: not drawn as CW's limit, and labelled so
+    assert len(bars["limit"]) == 2 and len(bars["sbpatch"]) == 3
+    assert any("PGD only" in t.get_text() for t in ax.texts)
+    # the spread: error bars from the per-round ratios (cleverhans sbpatch: 1.1/1.05 .. 1.1/0.9 around 1.1)
+    lines = bars["sbpatch"].errorbar.lines[2][0].get_segments()
+    low, high = lines[1][:, 1]
+    assert abs(low - 1.1 / 1.05) < 1e-9 and abs(high - 1.1 / 0.9) < 1e-9
+    # readable next to the 12x outlier: 1.0 -> 1.1 spans a visible part of the axes (log scale)
+    assert ax.get_yscale() == "log"
+    to_axes = ax.transData + ax.transAxes.inverted()
+    gap = to_axes.transform((0, 1.1))[1] - to_axes.transform((0, 1.0))[1]
+    assert gap > 0.025, gap
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_replot_from_json_and_progress_lines_when_not_a_terminal(tmp_path, capsys):
+    from sbpatch.bench import report
+
+    path = tmp_path / "bench.json"
+    args = parse([a for a in TINY if a != "--quiet"] + ["--libraries", "torchattacks", "--attacks", "PGD,FGSM",
+                                                        "--json", str(path)])
+    assert cli.run(args) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert len(err) == 2, err
+    assert err[0].startswith("[1/2 ") and "torchattacks PGD: sbpatch" in err[0] and "output identical" in err[0]
+    assert err[1].startswith("[2/2 ") and "torchattacks FGSM: sbpatch" in err[1]
+    data = json.loads(path.read_text())
+    rows = report.rows_from_json(data)
+    assert [(r.library, r.attack) for r in rows] == [("torchattacks", "PGD"), ("torchattacks", "FGSM")]
+    assert rows[0].ratio("sbpatch", "cpu") == data["rows"][0]["ratio_cpu"]["sbpatch"]
+    assert report.is_pgd(rows[0]) and not report.is_pgd(rows[1])
+    png = tmp_path / "bench.png"
+    report.replot(str(path), str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

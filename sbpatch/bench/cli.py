@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -84,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attacks: PGD (mapped per library) or a library's attack name, e.g. CW, DeepFool, "
                         "AutoAttack (default: PGD everywhere plus torchattacks CW and DeepFool)")
     parser.add_argument("--model", choices=MODELS, default=d["model"], help=f"victim model (default {d['model']})")
-    parser.add_argument("--batch-size", type=positive_int, default=d["batch_size"], help="default %(default)s")
+    parser.add_argument("--batch-size", type=positive_int, default=d["batch_size"],
+                        help="images per attack call; default %(default)s")
     parser.add_argument("--image-size", type=positive_int, default=d["image_size"], help="pixels; default %(default)s")
     parser.add_argument("--steps", type=positive_int, default=d["steps"], help="attack iterations; default %(default)s")
     parser.add_argument("--repeats", type=positive_int, default=d["repeats"], help="timed rounds; default %(default)s")
@@ -98,10 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak memory per column (CUDA: allocator peak; CPU: bytes saved for "
                         "backward + .grad buffers)")
-    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    parser.add_argument("--markdown", metavar="FILE", help="write the results as a markdown table")
-    parser.add_argument("--plot", metavar="FILE.png", type=plot_path, help="write a bar chart of the ratios")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON (default: none)")
+    parser.add_argument("--markdown", metavar="FILE", help="write the results as a markdown table (default: none)")
+    parser.add_argument("--plot", metavar="FILE.png", type=plot_path,
+                        help="write a chart of the speed-ups (default: none)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress (a bar on a terminal, else a line per row on stderr)")
 
 
 def _error(message: str) -> int:
@@ -146,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     import sbpatch
     from sbpatch.bench import models, report, runner, workloads
 
-    libraries = list(dict.fromkeys(args.libraries or LIBRARIES))
+    libraries = list(dict.fromkeys(args.libraries or workloads.image_libraries()))
     cases: dict[str, dict[str, Any]] = {}
     notes: dict[str, str] = {}
     for lib in libraries:
@@ -180,22 +184,19 @@ def run(args: argparse.Namespace) -> int:
     meta = report.machine(args.device, threads)
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     results = []
     todo = [r for r in rows if r.case is not None]
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=args.quiet, transient=False) as progress:
-        task = progress.add_task("bench", total=len(todo) * runner.calls_per_row(settings))
+    with _Progress(console, args.quiet, len(todo) * runner.calls_per_row(settings)) as progress:
         for row in rows:
             if row.case is None:
                 results.append(runner.RowResult(row.library, row.attack, None, row.note))
                 continue
-            progress.update(task, description=f"{row.library} {row.attack}")
-            result = runner.run_row(row, model, x, y, cases[row.library][row.case], limit, settings,
-                                    lambda: progress.advance(task))
+            progress.start(f"{row.library} {row.attack}")
+            result = runner.run_row(row, model, x, y, cases[row.library][row.case], limit, settings, progress.tick)
             results.append(result)
+            progress.done(result, len(todo), args.metric)
     out = Console() if sys.stdout.isatty() else Console(width=160)
     report.print_table(out, meta, config, results)
     data = report.to_json(meta, results, args.metric)
@@ -210,8 +211,56 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Progress:
+    """A rich progress bar on a terminal; otherwise (CI logs, a pipe) one line per row on stderr as it finishes."""
+
+    def __init__(self, console: Any, quiet: bool, total_calls: int) -> None:
+        self.console, self.quiet, self.total_calls = console, quiet, total_calls
+        self.bar: Any = None
+        self.rows_done = 0
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> _Progress:
+        if not self.quiet and self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=self.console, transient=False)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("bench", total=self.total_calls)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def start(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=label)
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def done(self, result: Any, rows: int, metric: str) -> None:
+        self.rows_done += 1
+        if self.quiet or self.bar is not None:
+            return
+        if result.measured:
+            s, o = result.ratio("sbpatch", metric), result.ratio("oneliner", metric)
+            same = "identical" if result.identical else "DIFFERENT"
+            what = f"sbpatch {s:.2f}x, one-liner {o:.2f}x as shipped ({metric} time), output {same}"
+        else:
+            what = f"not measured: {result.note}"
+        elapsed = time.perf_counter() - self.started
+        print(f"[{self.rows_done}/{rows} {elapsed:.0f} s] {result.library} {result.attack}: {what}",
+              file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point (``python -m sbpatch.bench``), the same options as ``sbpatch bench``."""
-    parser = argparse.ArgumentParser(prog="sbpatch bench")
+    from sbpatch.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="sbpatch bench", formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -150,10 +150,16 @@ def header_lines(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
     ]
 
 
+def fmt_ratio(r: RowResult, col: str, metric: str) -> str:
+    """``2.41x``; the limit of a non-PGD row is marked as the PGD reference it is, not that attack's limit."""
+    text = f"{r.ratio(col, metric):.2f}x"
+    return f"({text} PGD ref.)" if col == "limit" and not is_pgd(r) else text
+
+
 def cell(r: RowResult, col: str, memory: bool) -> str:
     c = r.columns[col]
-    text = f"{fmt_time(c.wall_median)} {r.ratio(col, 'wall'):.2f}x"
-    text += f"\ncpu {fmt_time(c.cpu_median)} {r.ratio(col, 'cpu'):.2f}x"
+    text = f"{fmt_time(c.wall_median)} {fmt_ratio(r, col, 'wall')}"
+    text += f"\ncpu {fmt_time(c.cpu_median)} {fmt_ratio(r, col, 'cpu')}"
     if memory:
         text += f"\nmem {fmt_bytes(c.memory)}"
     return text
@@ -222,13 +228,14 @@ def to_markdown(meta: dict[str, Any], config: dict[str, Any], rows: Sequence[Row
         else:
             for c in COLUMNS:
                 col = r.columns[c]
-                cells += [fmt_time(col.wall_median), fmt_time(col.cpu_median), f"{r.ratio(c, metric):.2f}x"]
+                cells += [fmt_time(col.wall_median), fmt_time(col.cpu_median), fmt_ratio(r, c, metric)]
                 if memory:
                     cells.append(fmt_bytes(col.memory))
             cells += ["yes" if r.identical else "no", r.note]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Ratios: as shipped / column, {metric} time (> 1 is faster).")
+    lines.append(f"Ratios: as shipped / column, {metric} time (> 1 is faster). The limit is a hand-written PGD: on "
+                 "other attacks' rows it is only a PGD reference (marked).")
     miss = misses(rows, metric)
     lines.append("")
     lines.append("Targets: all met." if not miss else "Targets missed:")
@@ -236,32 +243,120 @@ def to_markdown(meta: dict[str, Any], config: dict[str, Any], rows: Sequence[Row
     return "\n".join(lines) + "\n"
 
 
+def is_pgd(r: RowResult) -> bool:
+    """Whether the row's attack is a PGD, so that the hand-written PGD "limit" is that row's own lower bound.
+
+    On any other row (CW, DeepFool, ...) the limit column is only a PGD reference of the same step count.
+    """
+    from sbpatch.bench.workloads import PGD_NAMES
+
+    return r.attack == "PGD" or r.case in PGD_NAMES.get(r.library, ())
+
+
+def round_ratios(r: RowResult, column: str, metric: str) -> list[float]:
+    """Speed-up of ``column`` over as shipped in each timed round (the rounds are interleaved: paired by round)."""
+    shipped = getattr(r.columns["shipped"], metric)
+    other = getattr(r.columns[column], metric)
+    return [a / b for a, b in zip(shipped, other) if b > 0]
+
+
+PLOT_COLUMNS: tuple[str, ...] = ("oneliner", "sbpatch", "limit")
+PLOT_COLORS: dict[str, str] = {"oneliner": "#64b5f6", "sbpatch": "#e65100", "limit": "#2e7d32"}
+
+
 def plot(path: str, meta: dict[str, Any], config: dict[str, Any], rows: Sequence[RowResult], title: str = "") -> None:
-    """A grouped bar chart of the speed-ups over as shipped (one group per row)."""
+    """Write :func:`figure` to ``path`` (.png, .svg or .pdf)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(meta, config, rows, title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def figure(meta: dict[str, Any], config: dict[str, Any], rows: Sequence[RowResult], title: str = "") -> Any:
+    """A grouped bar chart of the speed-ups over as shipped, on a log scale (one group per row): a matplotlib Figure.
+
+    Bars: the ratio of medians; error bars: the lowest and highest per-round ratio (interleaved rounds, paired);
+    as shipped is the line at 1. A non-PGD row has no limit bar: the hand-written limit is a PGD, a reference only.
+    The log scale keeps 0.9x, 1.1x and an outlier at 10x all readable on one chart.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     metric = config.get("metric", "wall")
     measured = [r for r in rows if r.measured]
     names = [f"{r.library}\n{r.attack}" for r in measured]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(measured) + 2), 4.2))
-    width = 0.2
-    colors = {"shipped": "#9e9e9e", "oneliner": "#64b5f6", "sbpatch": "#e65100", "limit": "#2e7d32"}
-    for i, col in enumerate(COLUMNS):
-        values = [r.ratio(col, metric) for r in measured]
-        xs = [j + (i - 1.5) * width for j in range(len(measured))]
-        ax.bar(xs, values, width, label=LABELS[col], color=colors[col])
-    ax.axhline(1.0, color="black", linewidth=0.8)
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.0 * len(measured) + 2.5), 4.6))
+    width = 0.26
+    values: list[float] = [1.0]
+    for i, col in enumerate(PLOT_COLUMNS):
+        xs, heights, low, high = [], [], [], []
+        for j, r in enumerate(measured):
+            if col == "limit" and not is_pgd(r):
+                ax.text(j + (i - 1) * width, 1.02, "limit n/a (PGD only)", rotation=90, ha="center", va="bottom",
+                        fontsize=7, color="#2e7d32", style="italic")
+                continue
+            ratio = r.ratio(col, metric)
+            per_round = round_ratios(r, col, metric) or [ratio]
+            xs.append(j + (i - 1) * width)
+            heights.append(ratio)
+            low.append(max(0.0, ratio - min(per_round)))
+            high.append(max(0.0, max(per_round) - ratio))
+            values += [min(per_round), max(per_round), ratio]
+        # log scale: a bar is drawn from 1 (as shipped) up or down to its ratio
+        ax.bar(xs, [h - 1 for h in heights], width, bottom=1.0, label=LABELS[col], color=PLOT_COLORS[col],
+               yerr=[low, high], error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#333333"})
+        if col == "sbpatch":
+            for x, h, lo_, hi_ in zip(xs, heights, low, high):
+                up = h >= 1
+                ax.text(x, (h + hi_) * 1.01 if up else (h - lo_) / 1.01, f"{h:.2f}x", ha="center",
+                        va="bottom" if up else "top", fontsize=7, color="#8a3000", fontweight="bold")
+    ax.axhline(1.0, color="black", linewidth=1.0, label="as shipped (= 1)")
+    ax.set_yscale("log")
+    lo, hi = min(values), max(values)
+    ax.set_ylim(min(0.8, lo / 1.2), max(1.25, hi * 1.35))
+    ticks = [t for t in (0.25, 0.33, 0.5, 0.67, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
+             if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_yticklabels([f"{t:g}x" for t in ticks])
+    ax.grid(axis="y", color="#dddddd", linewidth=0.6)
+    ax.set_axisbelow(True)
     ax.set_xticks(range(len(measured)))
     ax.set_xticklabels(names, fontsize=8)
-    ax.set_ylabel(f"speed-up over as shipped ({metric} time)")
+    ax.set_xlim(-0.6, len(measured) - 0.4)
+    rounds = max((len(getattr(r.columns["shipped"], metric)) for r in measured), default=0)
+    ax.set_ylabel(f"speed-up over as shipped ({metric} time, log scale)")
     sub = f"{config.get('model')} B={config.get('batch_size')} {config.get('image_size')}px"
     sub += f", {config.get('steps')} steps"
     machine_line = f"torch {meta['torch']}, {meta['device']}, {meta['threads']} thread(s)"
     ax.set_title(title or f"sbpatch bench: {sub}\n{machine_line}", fontsize=9)
     ax.legend(fontsize=8, ncol=4, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    fig.text(0.01, 0.01, f"bar: ratio of medians; whiskers: lowest-highest of the {rounds} interleaved rounds' ratios; "
+             "> 1 is faster; the limit (hand-written PGD) is drawn on PGD rows only", fontsize=7, color="#555555")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def rows_from_json(data: dict[str, Any]) -> list[RowResult]:
+    """The rows of a ``sbpatch bench --json`` file, to redraw its plot without running anything."""
+    from sbpatch.bench.runner import Column
+
+    out = []
+    for d in data["rows"]:
+        r = RowResult(d["library"], d["attack"], d.get("case"), d.get("note", ""))
+        for name, c in (d.get("columns") or {}).items():
+            r.columns[name] = Column(list(c.get("wall_s") or []), list(c.get("cpu_s") or []), c.get("memory_bytes"))
+        r.identical, r.leaves_grad, r.engaged = d.get("identical"), d.get("leaves_grad"), d.get("engaged")
+        out.append(r)
+    return out
+
+
+def replot(json_path: str, png_path: str) -> None:
+    """Redraw the chart of a ``sbpatch bench --json`` result."""
+    with open(json_path) as f:
+        data = json.load(f)
+    plot(png_path, data["meta"], data["config"], rows_from_json(data))

@@ -34,6 +34,16 @@ LIBRARIES: tuple[str, ...] = tuple(registry.INTEGRATIONS)
 NUM_CLASSES = 10
 
 
+def modality(library: str) -> str:
+    """``"image"`` or what the contrib module declares in ``MODALITY`` (``"text"``: its cases take a text victim)."""
+    return getattr(importlib.import_module(registry.INTEGRATIONS[library]), "MODALITY", "image")
+
+
+def image_libraries() -> list[str]:
+    """The libraries whose cases() attack an image model: what ``bench`` and ``verify`` run by default."""
+    return [name for name in registry.INTEGRATIONS if modality(name) == "image"]
+
+
 def library_cases(library: str) -> tuple[dict[str, Builder], str]:
     """The contrib module's ``cases()`` for ``library``, and a note when there are none (missing, failed import)."""
     module = importlib.import_module(registry.INTEGRATIONS[library])
@@ -69,8 +79,9 @@ def resolve_rows(libraries: list[str], attacks: list[str] | None, cases: dict[st
         for lib in libraries:
             lib_cases = cases.get(lib, {})
             if attack == "PGD":
-                case = next((n for n in PGD_NAMES[lib] if n in lib_cases), None)
-                note = "" if case else f"{lib}'s cases() has no PGD ({' / '.join(PGD_NAMES[lib])}); skipped"
+                pgd = PGD_NAMES.get(lib, ("PGD",))
+                case = next((n for n in pgd if n in lib_cases), None)
+                note = "" if case else f"{lib}'s cases() has no PGD ({' / '.join(pgd)}); skipped"
                 rows.append(Row(lib, "PGD", case, note))
             elif attack in lib_cases:
                 rows.append(Row(lib, attack, attack))
