@@ -10,10 +10,23 @@ from pathlib import Path
 import pytest
 from helpers import run_python
 
-from sbpatch import config
+from sbpatch import config, registry
 
 ROOT = Path(__file__).parent.parent
-HEAVY = ("torch", "numpy", "scipy", "torchattacks", "art", "foolbox", "advertorch", "deeprobust", "cleverhans")
+HEAVY = (
+    "torch",
+    "numpy",
+    "scipy",
+    "transformers",
+    "torchattacks",
+    "art",
+    "foolbox",
+    "advertorch",
+    "deeprobust",
+    "cleverhans",
+    "OpenAttack",
+    "textattack",
+)
 LOADED = f"import sys; print(sorted(m for m in {('sbpatch', *HEAVY)!r} if m in sys.modules))"
 
 
@@ -43,7 +56,7 @@ print(sorted(compat.pending()))
     )
     lines = out.stdout.splitlines()
     assert lines[0] == "['sbpatch']", out.stderr  # imported by the start-up hook, and nothing heavy
-    assert lines[1] == str(sorted(["torchattacks", "art", "foolbox", "advertorch", "deeprobust", "cleverhans"]))
+    assert lines[1] == str(sorted(registry.INTEGRATIONS))  # every library enabled, none imported
     assert lines[2] == "['advertorch', 'deeprobust', 'foolbox']", out.stderr
     assert out.stderr == ""
 
