@@ -85,6 +85,14 @@ MHA_REASON = (
     "fast path is taken only when no projection weight requires grad"
 )
 MHA_FOLD_REASON = "nn.MultiheadAttention fed a non-foldable {dim}-D input (shape {shape}): mm vs bmm in-projection"
+RNN_REASON = (
+    "RNN input projection on a non-foldable time-major {dim}-D input (shape {shape}, strides {strides}): mm vs bmm"
+)
+BIAS_REASON = (
+    "relative-position attention bias: an attention mask that requires grad keeps scaled_dot_product_attention off "
+    "its CPU flash kernel"
+)
+_BIAS_NAMES = ("relative_position", "rel_pos")
 
 
 def _bump(*_: Any) -> None:
@@ -154,6 +162,10 @@ def builtin_rules() -> dict[str, str]:
         "cannot be folded without a copy (e.g. after transpose/permute)",
         "torch.nn.modules.activation.MultiheadAttention": "in-projection weights live when batch_first=True, or "
         "when fed a non-foldable input",
+        "torch.nn.modules.rnn.RNNBase": "first layer's input weights live when its time-major input is not "
+        "foldable (batch_first=True) and no fused kernel (oneDNN LSTM, cuDNN) runs",
+        "parameters named *relative_position* / *rel_pos*": "always live: they feed attention masks, and a mask "
+        "that requires grad keeps scaled_dot_product_attention off its CPU flash kernel",
     }
 
 
@@ -224,34 +236,48 @@ class Group:
 
 
 class _Probe:
-    """Forward pre-hook installed during a frozen call: makes weights live when the input would change the kernel."""
+    """Forward pre-hook installed during a frozen call: makes weights live when the input would change the kernel.
 
-    __slots__ = ("group", "has_bias", "mha", "name", "names")
+    ``kind``: "linear" (the layer's input), "mha" (query, key, value) or "rnn" (the time-major input of the first
+    layer's input projection). ``paths``: where the weights to make live are, relative to the module (a
+    parametrized weight's originals included).
+    """
 
-    def __init__(self, group: Group, name: str, names: tuple[str, ...], has_bias: bool, mha: bool) -> None:
+    __slots__ = ("group", "has_bias", "kind", "name", "paths")
+
+    def __init__(self, group: Group, name: str, paths: tuple[str, ...], has_bias: bool, kind: str) -> None:
         self.group = weakref.ref(group)
         self.name = name
-        self.names = names
+        self.paths = paths
         self.has_bias = has_bias
-        self.mha = mha
+        self.kind = kind
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
         group = self.group()
-        if group is None or not group.holders:  # a stale copy (deepcopy during an attack): inert
+        if group is None or not group.holders or _torch is None:  # a stale copy (deepcopy during an attack)
             return None
-        if self.mha:
+        tensor = _torch.Tensor
+        kind = self.kind
+        if kind == "mha":
             inputs = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")[len(args) :]]
         else:
             inputs = [args[0] if args else kwargs.get("input")]
         for x in inputs:
-            if _torch is not None and isinstance(x, _torch.Tensor) and not _foldable(x, self.has_bias):
-                template = MHA_FOLD_REASON if self.mha else FOLD_REASON
+            if not isinstance(x, tensor):
+                continue
+            if kind == "rnn":
+                if x.dim() != 3 or _rnn_fused(module, x):
+                    return None
+                if module.batch_first:
+                    x = x.transpose(0, 1)
+            if not _foldable(x, self.has_bias):
+                template = {"linear": FOLD_REASON, "mha": MHA_FOLD_REASON, "rnn": RNN_REASON}[kind]
                 reason = template.format(dim=x.dim(), shape=tuple(x.shape), strides=tuple(x.stride()))
-                for pname in self.names:
-                    p = getattr(module, pname, None)
-                    if p is not None and not p.requires_grad:
-                        _promote(p, f"{self.name}.{pname}", reason)
-                break
+                for path in self.paths:
+                    p = _attribute(module, path)
+                    if p is not None and p.is_leaf and not p.requires_grad:
+                        _promote(p, f"{self.name}.{path}", reason)
+                return None
         return None
 
     # A model deep-copied or pickled during an attack must not carry sbpatch's state along.
@@ -263,6 +289,38 @@ class _Probe:
 
     def __reduce__(self) -> Any:
         return (_inert_probe, ())
+
+
+def _attribute(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _rnn_fused(module: Any, x: Any) -> bool:
+    """Whether this RNN call runs a fused kernel (oneDNN LSTM on CPU, cuDNN on GPU) with no input projection fold."""
+    if x.is_cuda:
+        return bool(_torch.backends.cudnn.enabled)
+    return (
+        module.mode == "LSTM"
+        and not getattr(module, "proj_size", 0)
+        and x.device.type == "cpu"
+        and x.dtype == _torch.float32
+        and x.numel() > 0
+        and _torch.backends.mkldnn.is_available()
+        and _torch._C._get_mkldnn_enabled()
+    )
+
+
+def _weight_paths(sub: Any) -> tuple[str, ...]:
+    """Where a Linear's weight comes from: the parameter, or a parametrization's originals, or legacy
+    weight_norm/spectral_norm's ``weight_g``/``weight_v``/``weight_orig``."""
+    if "weight" in sub._parameters:
+        return ("weight",)
+    parametrizations = getattr(sub, "parametrizations", None)
+    if parametrizations is not None and "weight" in parametrizations:
+        return tuple(f"parametrizations.weight.{n}" for n in parametrizations["weight"]._parameters)
+    return tuple(n for n in sub._parameters if n.startswith("weight"))
 
 
 def _inert_probe() -> Callable[..., None]:
@@ -299,46 +357,49 @@ def _module_group(module: Any) -> Group:
     frozen_: list[Any] = []
     kept_: list[Any] = []
     kept_why: list[tuple[str, str]] = []
-    probes: list[tuple[Any, str, tuple[str, ...], bool, bool]] = []
+    probes: list[tuple[Any, str, tuple[str, ...], bool, str]] = []
+    rnn = torch.nn.RNNBase
     learned = _learned
     for mname, sub in module.named_modules():
         user = _kept_names(type(sub))
         static: tuple[str, ...] = ()
-        probe_names: tuple[str, ...] = ()
+        prefix = f"{root}.{mname}." if mname else f"{root}."
         if isinstance(sub, mha):
             present = tuple(n for n in _MHA_WEIGHTS if getattr(sub, n, None) is not None)
             if sub.batch_first:
                 static = present
-            else:
-                probe_names = present
+            elif present:
+                probes.append((sub, prefix[:-1], present, sub.in_proj_bias is not None, "mha"))
         elif isinstance(sub, linear):
-            probe_names = ("weight",)
+            paths = _weight_paths(sub)
+            if paths:
+                probes.append((sub, prefix[:-1], paths, sub.bias is not None, "linear"))
+        elif isinstance(sub, rnn):
+            paths = tuple(n for n in ("weight_ih_l0", "weight_ih_l0_reverse") if n in sub._parameters)
+            probes.append((sub, prefix[:-1], paths, bool(sub.bias), "rnn"))
         params = sub._parameters
         if user:
             for name in user - set(params):
                 _warn_rule(type(sub), name, params.keys())
-        prefix = f"{root}.{mname}." if mname else f"{root}."
-        probe_live = False
         for name, p in params.items():
             if p is None or id(p) in seen:
                 continue
             seen.add(id(p))
+            qualified = prefix + name
             if name in user:
                 kept_.append(p)
-                kept_why.append((prefix + name, "user keep rule (add_keep_rule)"))
+                kept_why.append((qualified, "user keep rule (add_keep_rule)"))
             elif name in static:
                 kept_.append(p)
-                kept_why.append((prefix + name, MHA_REASON))
+                kept_why.append((qualified, MHA_REASON))
+            elif any(b in qualified for b in _BIAS_NAMES):
+                kept_.append(p)
+                kept_why.append((qualified, BIAS_REASON))
             elif learned and (hit := learned.get(id(p))) is not None and hit[0]() is p:
                 kept_.append(p)
-                kept_why.append((prefix + name, hit[1]))
+                kept_why.append((qualified, hit[1]))
             else:
                 frozen_.append(p)
-                if name in probe_names:
-                    probe_live = True
-        if probe_live:
-            bias = sub.in_proj_bias if isinstance(sub, mha) else sub.bias
-            probes.append((sub, prefix.rstrip("."), probe_names, bias is not None, isinstance(sub, mha)))
     group = Group(frozen_, kept_)
     group.probes = tuple((weakref.ref(sub), _Probe(group, *spec)) for sub, *spec in probes)
     for name, reason in kept_why:
@@ -484,7 +545,7 @@ def collect(targets: Iterable[Any], keep: Iterable[Any] = ()) -> list[Group]:
         kept_ids = _resolve_keep(roots, keep)
         params = [p for p in params if id(p) not in kept_ids]
     group = Group(params, kept)
-    group.probes = tuple((sub, _Probe(group, pr.name, pr.names, pr.has_bias, pr.mha)) for sub, pr in probes)
+    group.probes = tuple((sub, _Probe(group, pr.name, pr.paths, pr.has_bias, pr.kind)) for sub, pr in probes)
     return [group]
 
 
@@ -615,7 +676,10 @@ def _freeze(group: Group) -> None:
     for ref, probe in group.probes:
         sub = ref()
         if sub is not None:
-            sub._forward_pre_hooks[key] = probe
+            hooks = sub._forward_pre_hooks
+            hooks[key] = probe
+            if len(hooks) > 1:  # run before a legacy weight_norm hook recomputes the weight from its originals
+                hooks.move_to_end(key, last=False)
             sub._forward_pre_hooks_with_kwargs[key] = True
     _watch(True)
 

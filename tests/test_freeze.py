@@ -222,10 +222,7 @@ def test_kept_parameters_grad_set_aside_under_backward():
 
 def test_keep_rules_are_data_and_extensible():
     assert sbpatch.keep_rules() == {}  # no static table: the built-in rules follow what the model does
-    assert set(freeze.builtin_rules()) == {
-        "torch.nn.modules.linear.Linear",
-        "torch.nn.modules.activation.MultiheadAttention",
-    }
+    assert {"torch.nn.modules.linear.Linear", "torch.nn.modules.rnn.RNNBase"} <= set(freeze.builtin_rules())
     model = tiny_cnn()
     sbpatch.add_keep_rule(nn.BatchNorm2d, "weight")
     try:
@@ -302,3 +299,87 @@ def test_attention_batch_first_false_fed_transposed_input_is_learned():
         got = attn(q, q, q)[0].detach()
         assert attn.in_proj_weight.requires_grad and not attn.out_proj.weight.requires_grad
     assert torch.equal(expected, got)
+
+
+def _query_and_grad(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    plain = model(x).detach()
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xg).square().sum(), xg)
+    return plain, grad
+
+
+def _check_rule(model: nn.Module, x: torch.Tensor, kept: set[str]) -> None:
+    expected = _query_and_grad(model, x)
+    live = _freeze_all(model)  # the one-liner differs: the case really exercises a kernel choice
+    try:
+        assert not identical(expected, _query_and_grad(model, x))
+    finally:
+        for p in live:
+            p.requires_grad_(True)
+    for _ in range(2):
+        with sbpatch.frozen(model):
+            got = _query_and_grad(model, x)
+            assert {n for n, p in model.named_parameters() if p.requires_grad} == kept
+        assert identical(expected, got)
+        assert all(p.requires_grad for p in model.parameters())
+
+
+class GRUTagger(nn.Module):
+    def __init__(self, cell: type = nn.GRU, **kw: object) -> None:
+        super().__init__()
+        self.rnn = cell(16, 32, batch_first=True, **kw)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize(
+    "cell, kw", [(nn.GRU, {}), (nn.RNN, {}), (nn.LSTM, {"proj_size": 8})], ids=["gru", "rnn", "lstm-proj"]
+)
+def test_batch_first_rnn_keeps_its_input_weights_live(cell, kw):
+    torch.manual_seed(0)
+    model = GRUTagger(cell, **kw).eval()
+    if kw:
+        model.head = nn.Linear(8, 10)
+    x = torch.randn(2, 20, 16)
+    _check_rule(model, x, {"rnn.weight_ih_l0"})
+    lstm = GRUTagger(nn.LSTM).eval()  # fused oneDNN LSTM: no fold, every weight frozen
+    with sbpatch.frozen(lstm):
+        lstm(x)
+        assert not any(p.requires_grad for p in lstm.parameters())
+
+
+@pytest.mark.parametrize("norm", ["parametrization", "legacy"])
+def test_weight_normalised_linear_keeps_the_weight_sources_live(norm):
+    torch.manual_seed(0)
+    model = FrameClassifier(hidden=256)
+    if norm == "parametrization":
+        model.head = nn.utils.parametrizations.weight_norm(model.head)
+        kept = {"head.parametrizations.weight.original0", "head.parametrizations.weight.original1"}
+    else:
+        model.head = nn.utils.weight_norm(model.head)
+        kept = {"head.weight_g", "head.weight_v"}
+    x = torch.rand(4, 3, 7, 7)
+    _check_rule(model, x, kept)
+
+
+class RelPosAttention(nn.Module):
+    """timm-style attention with a learned relative-position bias passed to SDPA as its mask."""
+
+    def __init__(self, dim: int = 16, tokens: int = 17) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.relative_position_bias_table = nn.Parameter(torch.randn(1, 2, tokens, tokens))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.relative_position_bias_table)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def test_relative_position_bias_stays_live():
+    torch.manual_seed(0)
+    _check_rule(RelPosAttention().eval(), torch.randn(2, 17, 16), {"relative_position_bias_table"})
