@@ -124,7 +124,7 @@ def test_attack_gradient_kind_is_what_it_says(attack: str) -> None:
     spec = zoo.ATTACKS[attack]
     model = model_of("conv1d_linear")
     x, y = zoo.inputs("conv1d_linear")
-    run = spec.build(model, x, y, False)
+    run = spec.build(model, x, y)
     with sbpatch.paused():
         run()
     assert any(p.grad is not None for p in model.parameters()) == (spec.gradient == "backward()")
@@ -153,7 +153,7 @@ def test_one_liner_changes_sensitive_models(name: str) -> None:
     assert not identical(live, frozen_all), f"{name}: the one-liner no longer changes it; choose other shapes"
     changed = []
     for attack, spec in sorted(zoo.ATTACKS.items()):
-        run = from_same_state(model, spec.build(model, x, y, False))
+        run = from_same_state(model, spec.build(model, x, y))
         with sbpatch.paused():
             seed_all(0)
             expected = run()

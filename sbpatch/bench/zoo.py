@@ -324,12 +324,12 @@ def inputs(name: str, batch: int = 2, seed: int = 1) -> tuple[torch.Tensor, torc
 
 # --- attacks ----------------------------------------------------------------------------------------------------------
 
-AttackBuilder = Callable[[nn.Module, torch.Tensor, torch.Tensor, bool], Callable[[], Any]]
+AttackBuilder = Callable[..., Callable[[], Any]]
 
 
 @dataclass(frozen=True)
 class Attack:
-    """One attack run on the zoo: ``build(model, x, y, train)`` returns a zero-argument call of it.
+    """One attack run on the zoo: ``build(model, x, y, train=False, steps=2)`` returns a zero-argument call of it.
 
     ``gradient``: how the library asks for the input gradient (``"backward()"``, ``"autograd.grad"``) or
     ``"query-only"``. ``train=True`` runs the model in train mode (dropout and batch norm active; torchattacks is told
@@ -343,11 +343,15 @@ class Attack:
     train: bool = True  # also run in train mode (DeepFool attacks one image at a time: batch norm cannot train)
 
 
+def _args(kw: dict[str, Any], steps: int) -> dict[str, Any]:
+    return {k: steps if v == "steps" else v for k, v in kw.items()}
+
+
 def _torchattacks(cls_name: str, **kw: Any) -> AttackBuilder:
-    def build(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool) -> Callable[[], Any]:
+    def build(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool = False, steps: int = 2) -> Any:
         import torchattacks
 
-        attack = getattr(torchattacks, cls_name)(model, **kw)
+        attack = getattr(torchattacks, cls_name)(model, **_args(kw, steps))
         if train:  # torchattacks puts the model in eval mode for the attack unless told otherwise
             attack.set_model_training_mode(model_training=True, batchnorm_training=True, dropout_training=True)
         return lambda: attack(x, y)
@@ -356,7 +360,7 @@ def _torchattacks(cls_name: str, **kw: Any) -> AttackBuilder:
 
 
 def _foolbox(cls_name: str, epsilon: float, **kw: Any) -> AttackBuilder:
-    def build(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool) -> Callable[[], Any]:
+    def build(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool = False, steps: int = 2) -> Any:
         import warnings
 
         import foolbox
@@ -364,17 +368,17 @@ def _foolbox(cls_name: str, epsilon: float, **kw: Any) -> AttackBuilder:
         with warnings.catch_warnings():  # "the PyTorch model is in training mode": on purpose in train mode
             warnings.simplefilter("ignore", UserWarning)
             fmodel = foolbox.PyTorchModel(model, bounds=(0, 1), device=x.device)
-        attack = getattr(foolbox.attacks, cls_name)(**kw)
+        attack = getattr(foolbox.attacks, cls_name)(**_args(kw, steps))
         return lambda: attack(fmodel, x, y, epsilons=epsilon)
 
     return build
 
 
 def _advertorch(cls_name: str, **kw: Any) -> AttackBuilder:
-    def build(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool) -> Callable[[], Any]:
+    def build(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool = False, steps: int = 2) -> Any:
         import advertorch.attacks
 
-        attack = getattr(advertorch.attacks, cls_name)(model, **kw)
+        attack = getattr(advertorch.attacks, cls_name)(model, **_args(kw, steps))
         return lambda: attack.perturb(x, y)
 
     return build
@@ -384,16 +388,18 @@ ATTACKS: dict[str, Attack] = {
     a.name: a
     for a in (
         Attack("torchattacks PGD", "torchattacks", "autograd.grad",
-               _torchattacks("PGD", eps=8 / 255, alpha=2 / 255, steps=2)),
+               _torchattacks("PGD", eps=8 / 255, alpha=2 / 255, steps="steps")),
         Attack("torchattacks PGDL2", "torchattacks", "autograd.grad",
-               _torchattacks("PGDL2", eps=0.5, alpha=0.1, steps=2)),
-        Attack("torchattacks CW", "torchattacks", "backward()", _torchattacks("CW", c=1.0, steps=2, lr=0.01)),
-        Attack("torchattacks DeepFool", "torchattacks", "backward()", _torchattacks("DeepFool", steps=2), train=False),
+               _torchattacks("PGDL2", eps=0.5, alpha=0.1, steps="steps")),
+        Attack("torchattacks CW", "torchattacks", "backward()", _torchattacks("CW", c=1.0, steps="steps", lr=0.01)),
+        Attack("torchattacks DeepFool", "torchattacks", "backward()", _torchattacks("DeepFool", steps="steps"),
+               train=False),
         Attack("torchattacks SPSA", "torchattacks", "query-only",
-               _torchattacks("SPSA", eps=8 / 255, delta=0.01, lr=0.01, nb_iter=2, nb_sample=8, max_batch_size=16)),
+               _torchattacks("SPSA", eps=8 / 255, delta=0.01, lr=0.01, nb_iter="steps", nb_sample=8,
+                             max_batch_size=16)),
         Attack("foolbox L2PGD", "foolbox", "backward()",
-               _foolbox("L2ProjectedGradientDescentAttack", 0.5, steps=2)),
+               _foolbox("L2ProjectedGradientDescentAttack", 0.5, steps="steps")),
         Attack("advertorch SPSA", "advertorch", "query-only",
-               _advertorch("LinfSPSAAttack", eps=8 / 255, nb_iter=2, nb_sample=8, max_batch_size=16)),
+               _advertorch("LinfSPSAAttack", eps=8 / 255, nb_iter="steps", nb_sample=8, max_batch_size=16)),
     )
 }
