@@ -130,8 +130,9 @@ def markdown(data: dict[str, Any]) -> str:
            f"batch per model (B: the power of two in [4, 128] giving calls of about {cfg['target_s']} s)")
         + f", {cfg['steps']} steps, {cfg['repeats']} interleaved rounds after a warm-up; torch "
         f"{meta['torch']}, {meta['device']} ({meta['device_name']}), {meta['threads']} thread(s), "
-        f"{data['elapsed_s']:.0f} s in all. Ratios are as shipped / column ({cfg['metric']} time; wall in brackets); "
-        "> 1 is faster. *identical*: bitwise equal to as shipped with the same seeds. *spread*: half the relative "
+        f"{data['elapsed_s']:.0f} s in all; sbpatch {meta.get('sbpatch_source', '?')}. Ratios are as shipped / "
+        f"column ({cfg['metric']} time; wall in brackets); > 1 is faster. *identical*: bitwise equal to as shipped "
+        "with the same seeds, at the timed batch and at batch 2. *spread*: half the relative "
         "range of the rounds of as shipped, one-liner and sbpatch. *met*: sbpatch >= as shipped and >= the "
         "one-liner, each within the sum of the two columns' spreads.",
         "",
@@ -193,6 +194,20 @@ def summarise(rows: list[dict[str, Any]], metric: str) -> list[str]:
     return out
 
 
+def source(path: str) -> str:
+    """Where the measured sbpatch comes from: its git commit (``+changes`` if its files differ), or its path."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        out = subprocess.run(["git", "-C", path, *cmd], capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return path
+    return commit + ("+changes" if git("status", "--porcelain", "--", ".") else "")
+
+
 def main() -> int:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--models", help="comma list of zoo names (default: all)")
@@ -208,6 +223,7 @@ def main() -> int:
 
     import sbpatch
 
+    meta["sbpatch_source"] = source(os.path.dirname(sbpatch.__file__))
     sbpatch.enable()  # advertorch's shims must be in place before it is imported
     from sbpatch.bench import zoo
     from sbpatch.bench.runner import Settings
