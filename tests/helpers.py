@@ -223,3 +223,35 @@ def run_python(
         cwd=ROOT,
         timeout=timeout,
     )
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_bounded(args: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``args`` like :func:`run_python` (SBPATCH unset unless ``env`` sets it, the repository and tests/ first on
+    PYTHONPATH, one thread) in its own session; past ``timeout`` kill the whole session (a launcher and every rank
+    it started) and fail."""
+    import signal
+
+    full_env = {k: v for k, v in os.environ.items() if k != "SBPATCH"}
+    tests = os.path.join(ROOT, "tests")
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, tests, full_env.get("PYTHONPATH")) if p)
+    full_env["OMP_NUM_THREADS"] = "1"
+    full_env.update(env or {})
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{args} ran past {timeout} s and was killed:\n{out[-2000:]}\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)

@@ -3,50 +3,19 @@
 A patched attack through ``DistributedDataParallel`` must communicate nothing (no gradient all-reduce, counted by a
 DDP comm hook; no collective at all, counted by the profiler's ``gloo:*`` events) and need no DDP option, whatever
 the kernel-preserving rules keep live; ranks may take different numbers of attack steps; training afterwards still
-all-reduces and keeps the ranks equal. Every rank run is bounded: ``timeout=`` in ``init_process_group``, and the
-launcher's whole process group is killed when the test's own timeout expires.
+all-reduces and keeps the ranks equal. FSDP2 (``fully_shard``) on the same ranks: no gradient reduction during an
+attack, and the next training step reduces exactly what it would have. Every rank run is bounded: ``timeout=`` in
+``init_process_group``, and the launcher's whole session is killed when the test's own timeout expires.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-
-TESTS = Path(__file__).parent
-ROOT = TESTS.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_bounded(args: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``args`` in its own session; past ``timeout`` kill the whole session (the launcher and every rank)."""
-    full_env = {k: v for k, v in os.environ.items() if k != "SBPATCH"}
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(TESTS), full_env.get("PYTHONPATH")) if p)
-    full_env["OMP_NUM_THREADS"] = "1"
-    full_env.update(env or {})
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{args} ran past {timeout} s and was killed:\n{out[-2000:]}\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
-
+from helpers import free_port, run_bounded
 
 DDP_RANKS = r'''
 import contextlib, datetime, json, os, sys

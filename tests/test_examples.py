@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port, run_bounded
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 EXPECTED = {
@@ -17,8 +18,12 @@ EXPECTED = {
 }
 
 
+# Launched with torchrun (2 gloo ranks) as shipped, under SBPATCH=all and under `sbpatch run`, unmodified.
+TORCHRUN = {"ddp_adversarial_training.py"}
+
+
 def test_every_example_is_tested():
-    assert {p.name for p in EXAMPLES.glob("*.py")} == set(EXPECTED)
+    assert {p.name for p in EXAMPLES.glob("*.py")} == set(EXPECTED) | TORCHRUN
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -28,3 +33,33 @@ def test_example(name: str):
     assert out.returncode == 0, out.stderr
     for text in EXPECTED[name]:
         assert text in out.stdout, out.stdout
+
+
+def torchrun(name: str, *args: str) -> list[str]:
+    launcher = Path(sys.executable).with_name("torchrun")
+    command = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    return [*command, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            str(EXAMPLES / name), *args]
+
+
+@pytest.mark.parametrize("launch", ["as shipped", "SBPATCH=all", "sbpatch run"])
+def test_ddp_example_under_torchrun(launch: str):
+    """The same script: as shipped every attack step all-reduces the model's gradients; patched (the start-up hook
+    in every rank, or `sbpatch run`) the attacks communicate nothing, the training still reduces, ranks stay equal."""
+    command = torchrun("ddp_adversarial_training.py")
+    if launch == "sbpatch run":
+        command = [sys.executable, "-m", "sbpatch", "run", *command]
+    out = run_bounded(command, timeout=240, env={"SBPATCH": "all"} if launch == "SBPATCH=all" else {})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 2: adversarial loss" in out.stdout and "parameters identical on every rank: True" in out.stdout
+    if launch == "as shipped":
+        assert "sbpatch: off" in out.stdout and "gradient all-reduces: attacks 9, training 3" in out.stdout
+    else:
+        assert "sbpatch: on" in out.stdout and "gradient all-reduces: attacks 0, training 3" in out.stdout
+
+
+def test_ddp_example_failing_rank_tears_down():
+    """A rank that crashes does not leave the other hanging: torchrun stops it and exits non-zero, in bounded time."""
+    out = run_bounded(torchrun("ddp_adversarial_training.py", "--fail-rank", "1"), timeout=240, env={"SBPATCH": "all"})
+    assert out.returncode != 0
+    assert "fails on purpose" in out.stderr and "ChildFailedError" in out.stderr
