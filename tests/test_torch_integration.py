@@ -1,10 +1,11 @@
-"""sbpatch with torch.compile (DistributedDataParallel and other torch.distributed wrappers: test_distributed.py)."""
+"""sbpatch with torch.compile and torch.autocast (DDP, FSDP and torchrun: test_distributed.py)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torchattacks
-from helpers import compare, data, tiny_cnn
+from helpers import MODELS, compare, data, tiny_cnn
 
 import sbpatch
 
@@ -25,3 +26,32 @@ def test_torch_compile_identical_with_bounded_recompiles():
             attack(x, y)
     frames = dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames <= 4, f"{frames} graphs compiled: sbpatch's freezing should cost at most one recompile per mode"
+
+
+AUTOCAST_CASES = [  # one attack that calls backward(), one that uses autograd.grad, one query-only, in two libraries
+    ("torchattacks", "CW"),
+    ("torchattacks", "PGD"),
+    ("torchattacks", "SPSA"),
+    ("cleverhans", "projected_gradient_descent"),
+    ("cleverhans", "spsa"),
+]
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "vit"])
+@pytest.mark.parametrize("library,attack", AUTOCAST_CASES)
+def test_autocast_bf16_identical(library: str, attack: str, model_name: str):
+    """Under torch.autocast("cpu", bfloat16) the attack is identical patched vs unpatched. Autocast caches the
+    low-precision cast of a weight only for leaves that require grad, so frozen weights are re-cast at each use:
+    the same values (benchmarks/autocast.py measures the cost)."""
+    import importlib
+
+    builder = importlib.import_module(f"sbpatch.contrib.{library}").cases()[attack]
+    model = MODELS[model_name]()
+    x, y = data()
+    run = builder(model, x, y, 2)
+
+    def autocast_run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return run()
+
+    assert compare(library, f"{attack}(autocast)", model, autocast_run, model_name).result == "identical"
