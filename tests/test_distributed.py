@@ -183,6 +183,21 @@ def work(rank, port, out):
         except RuntimeError as exc:
             return str(exc)[:200]
 
+    # nested and failing uses restore DDP's flags exactly once, at the outermost exit
+    flags = (ddp.require_backward_grad_sync, ddp.require_forward_param_sync)
+    inside = []
+    try:
+        with comm_free([ddp]):
+            with comm_free([ddp, vit]):
+                inside.append((ddp.require_backward_grad_sync, ddp.require_forward_param_sync))
+            inside.append((ddp.require_backward_grad_sync, ddp.require_forward_param_sync))
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    res["nested_flags"] = [list(f) for f in inside] == [[False, False]] * 2
+    res["nested_restored"] = (ddp.require_backward_grad_sync, ddp.require_forward_param_sync) == flags
+    res["plain_module_null"] = type(comm_free([vit, cnn])).__name__ == "nullcontext"
+
     bare = DDP(tiny_vit())
     n3 = counted(bare)
     res["comm_free_error"] = partly_frozen_steps(bare, comm_free([bare]))
@@ -291,6 +306,7 @@ def test_comm_free_lets_a_partly_frozen_ddp_model_run(ddp_ranks):
     for res in ddp_ranks:
         assert "Expected to have finished reduction" in res["bare_error"]
         assert res["comm_free_error"] == "" and res["comm_free_allreduce"] == 0
+        assert res["nested_flags"] and res["nested_restored"] and res["plain_module_null"]
 
 
 def test_fsdp2_attack_identical_without_gradient_reduction(ddp_ranks):
