@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import sbpatch  # noqa: E402
 from sbpatch import registry  # noqa: E402
+from sbpatch.bench.text import offline  # noqa: E402
 
 
 def main() -> int:
@@ -36,8 +38,9 @@ def main() -> int:
                 continue
             for line in path.read_text().splitlines():
                 o = json.loads(line)
-                if o["model"] in ("cnn", "vit"):
+                if o["model"] in ("cnn", "vit", "bert", "lstm"):
                     outcomes[name][o["attack"]][o["model"]] = (o["result"], o["error"])
+    offline()  # the text libraries import (and never download) offline, as in the tests
     sbpatch.enable()  # the compatibility shims, before cases() imports the libraries
     lines = [
         "# Coverage: every attack of every supported library, patched vs unpatched",
@@ -49,9 +52,14 @@ def main() -> int:
         "(torch 2.14.1, NumPy 2, SciPy 1.17): the library's bug, shown with its error. **excluded** means sbpatch",
         "never freezes it, for the reason given.",
         "",
+        "Text libraries (OpenAttack, TextAttack) run offline on a tiny BERT (`BertConfig`, a vocabulary the tests",
+        "write) and TextAttack's own LSTM over a local embedding, trained a few steps on made-up data so that attacks",
+        "succeed (sbpatch.bench.text). **not run offline** means the attack needs a download (the reason is given): it",
+        "is patched like the others, but not tested here.",
+        "",
         "Counts are over each library's attacks (the contrib module's `cases()`).",
         "",
-        "| library | identical (cnn / vit) | library-broken | excluded |",
+        "| library | identical (cnn / vit; text: bert / lstm) | library-broken | excluded |",
         "| --- | --- | --- | --- |",
     ]
     details = []
@@ -62,18 +70,22 @@ def main() -> int:
         everything = outcomes.get(name, {})
         rows = {a: r for a, r in everything.items() if a in attacks}
         scenarios = sorted(a for a in everything if a not in attacks)
-        ident = {m: sum(1 for r in rows.values() if r.get(m, ("",))[0] == "identical") for m in ("cnn", "vit")}
+        models = ("bert", "lstm") if getattr(contrib, "MODALITY", "image") == "text" else ("cnn", "vit")
+        ident = {m: sum(1 for r in rows.values() if r.get(m, ("",))[0] == "identical") for m in models}
         broken = sum(1 for r in rows.values() if any(v[0] == "library-broken" for v in r.values()))
-        lines.append(f"| {name} | {ident['cnn']} / {ident['vit']} | {broken} | {len(integ.excluded)} |")
-        details += ["", f"## {name}", "", "| attack | cnn | vit |", "| --- | --- | --- |"]
+        lines.append(f"| {name} | {ident[models[0]]} / {ident[models[1]]} | {broken} | {len(integ.excluded)} |")
+        details += ["", f"## {name}", "", f"| attack | {models[0]} | {models[1]} |", "| --- | --- | --- |"]
         for attack in sorted(rows):
             cells = []
-            for m in ("cnn", "vit"):
+            for m in models:
                 result, error = rows[attack].get(m, ("not run", ""))
+                error = re.sub(r"\S*site-packages/", "", " ".join(error.split()))  # one line, no local paths
                 cells.append(f"library-broken: `{error[:90]}`" if result == "library-broken" else result)
             details.append(f"| {attack} | {cells[0]} | {cells[1]} |")
         for target, reason in integ.excluded.items():
             details.append(f"| {target} | excluded: {reason} | |")
+        for attack, reason in getattr(contrib, "OFFLINE_UNAVAILABLE", {}).items():
+            details.append(f"| {attack} | not run offline: {reason} | |")
         if scenarios:
             details += ["", "Other scenarios compared the same way (wrappers, user subclasses, call shapes): "
                         + ", ".join(f"`{a}`" for a in scenarios) + "."]

@@ -15,6 +15,13 @@ EXPECTED = {
     "quickstart.py": ["identical: True", "with sbpatch 0", "torchattacks"],
     "own_attack.py": ["weight gradients computed: 0", "fc.bias still frozen: True | conv1 trainable again: True"],
     "adversarial_training.py": ["step 2: adversarial loss", "frozen attack calls: 3"],
+    "text_attack.py": [
+        "TextAttack: identical: True",
+        "as shipped 40, with sbpatch 1",  # TextAttack's get_grad sets the word embedding live itself
+        "OpenAttack: identical: True",
+        "as shipped 40, with sbpatch 0",
+        "frozen attack calls: TextAttack 4, OpenAttack 8",
+    ],
 }
 
 

@@ -58,7 +58,7 @@ def test_entry_points_wrapped_in_every_attacker():
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("attack", sorted(CASES))
 def test_identical(attack: str, model_name: str):
-    v = victim(model_name)
+    v = victim(model_name, "openattack")
     x, y = texts(v)
     results: list = []
     run = capture(CASES[attack](v, x, y, STEPS), results)
@@ -71,7 +71,7 @@ def test_identical(attack: str, model_name: str):
 
 def test_as_shipped_every_query_fills_param_grad_and_patched_none():
     """The side effect removed: TransformersClassifier backpropagates into every weight on every query."""
-    v = victim("bert")
+    v = victim("bert", "openattack")
     x, y = texts(v, 1)
     run = CASES["PWWS"](v, x, y, STEPS)
     with sbpatch.paused():
@@ -84,7 +84,7 @@ def test_as_shipped_every_query_fills_param_grad_and_patched_none():
 
 def test_all_frozen_without_the_embedding_hook_fails_in_retain_grad():
     """Why the hook exists: the paper's one-liner (every parameter frozen) breaks every OpenAttack query."""
-    v = victim("bert")
+    v = victim("bert", "openattack")
     x, y = texts(v, 1)
     run = CASES["PWWS"](v, x, y, STEPS)
     flags = [p.requires_grad for p in v.model.parameters()]
@@ -100,7 +100,7 @@ def test_all_frozen_without_the_embedding_hook_fails_in_retain_grad():
 
 
 def test_embedding_hook_added_for_the_call_and_removed():
-    v = victim("bert")
+    v = victim("bert", "openattack")
     x, y = texts(v, 1)
     run = CASES["FD"](v, x, y, STEPS)
     layer = v.embedding
@@ -122,7 +122,7 @@ def test_embedding_hook_added_for_the_call_and_removed():
 
 def test_user_frozen_embedding_is_left_alone():
     """A word-embedding weight the user froze gets no hook: OpenAttack fails in retain_grad exactly as shipped."""
-    v = victim("bert")
+    v = victim("bert", "openattack")
     x, y = texts(v, 1)
     run = CASES["PWWS"](v, x, y, STEPS)
     v.embedding.weight.requires_grad_(False)
@@ -139,7 +139,7 @@ def test_user_frozen_embedding_is_left_alone():
 
 def test_attack_eval_identical():
     """AttackEval runs each example through attacker(victim, data): frozen, identical, queries counted alike."""
-    v = victim("bert")
+    v = victim("bert", "openattack")
     x, y = texts(v)
     tokenizer = contrib.english_tokenizer()
     attacker = OpenAttack.attackers.PWWSAttacker(tokenizer=tokenizer, substitute=contrib.substitute(v))
@@ -153,7 +153,7 @@ def test_attack_eval_identical():
 
 
 def test_user_attacker_defined_after_enable_is_frozen():
-    v = victim("bert")
+    v = victim("bert", "openattack")
     x, y = texts(v, 1)
     seen: list[bool] = []
 

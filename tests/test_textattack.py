@@ -78,7 +78,7 @@ def grad_guard(model: torch.nn.Module, embedding: torch.nn.Embedding, run: Calla
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("attack", sorted(CASES))
 def test_identical(attack: str, model_name: str):
-    v = victim(model_name)
+    v = victim(model_name, "textattack")
     x, y = texts(v)
     results: list = []
     run = grad_guard(v.model, v.embedding, capture(CASES[attack](v, x, y, STEPS), results))
@@ -92,7 +92,7 @@ def test_identical(attack: str, model_name: str):
 def test_gradient_attack_writes_only_the_embedding_gradient(model_name: str):
     """As shipped, get_grad backpropagates into every weight; frozen, only into the word embedding TextAttack
     sets live itself. Inside the call the embedding is live and everything else frozen; afterwards all restored."""
-    v = victim(model_name)
+    v = victim(model_name, "textattack")
     x, y = texts(v, 1)
     run = CASES["EmbeddingSwapGradientWIR"](v, x, y, STEPS)
     with sbpatch.paused():
@@ -117,7 +117,7 @@ def test_gradient_attack_writes_only_the_embedding_gradient(model_name: str):
 
 def test_user_frozen_embedding_stays_frozen():
     """get_grad sets the weight live and puts back what it found; sbpatch never owned a weight the user froze."""
-    v = victim("bert")
+    v = victim("bert", "textattack")
     x, y = texts(v, 1)
     run = CASES["EmbeddingSwapGradientWIR"](v, x, y, STEPS)
     v.embedding.weight.requires_grad_(False)
@@ -133,7 +133,7 @@ def test_user_frozen_embedding_stays_frozen():
 
 def test_attacker_attack_dataset_identical():
     """The usual entry point: Attacker.attack_dataset over a Dataset, each example through Attack.attack."""
-    v = victim("bert")
+    v = victim("bert", "textattack")
     x, y = texts(v)
     attack = textattack.Attack(*_parts(v))
     dataset = textattack.datasets.Dataset(list(zip(x, y)))
@@ -165,7 +165,7 @@ def _parts(v: Any) -> tuple[Any, ...]:
 
 def test_recipe_runner_clears_caches():
     """Two calls of one case query the model alike (TextAttack caches model outputs per attack)."""
-    v = victim("lstm")
+    v = victim("lstm", "textattack")
     x, y = texts(v, 1)
     run = runner(textattack.Attack(*_parts(v)), x, y)
     forwards: list[int] = []

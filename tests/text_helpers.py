@@ -24,8 +24,10 @@ STEPS = 2
 
 
 @functools.cache
-def victim(name: str) -> TextVictim:
-    """The session's victim ``name`` (``"bert"``: 2 layers, hidden 32; ``"lstm"``: TextAttack's LSTM, hidden 32)."""
+def victim(name: str, library: str) -> TextVictim:
+    """The session's victim ``name`` for ``library`` (``"bert"``: 2 layers, hidden 32; ``"lstm"``: TextAttack's
+    LSTM, hidden 32). One per library: an OpenAttack classifier leaves a forward hook on the embedding layer for good
+    (its ``retain_grad``, which then fails in any ``no_grad`` forward, TextAttack's queries included)."""
     v = text.text_victim(name, train_steps=60)
     assert v.accuracy > 0.9, f"the {name} victim did not learn the made-up task ({v.accuracy:.2f})"
     assert v.model.training is False

@@ -144,7 +144,8 @@ class TextVictim:
 
 def _vocab_file(cache: Path) -> Path:
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = [*SPECIALS, *WORDS, *letters, *(f"##{c}" for c in letters), *"0123456789", ".", ",", "!", "?", "'"]
+    pieces = [*letters, *(f"##{c}" for c in letters), *"0123456789", ".", ",", "!", "?", "'"]
+    vocab = list(dict.fromkeys([*SPECIALS, *WORDS, *pieces]))  # "a" is a word and a letter: once
     path = cache / "bert-vocab.txt"
     text = "\n".join(vocab) + "\n"
     if not path.exists() or path.read_text() != text:
@@ -196,7 +197,7 @@ def bert_victim(
     def loss_of(texts: list[str], labels: list[int]) -> Any:
         return model(**batch(texts), labels=torch.tensor(labels, device=device)).loss
 
-    _train(model, loss_of, train_steps, seed)
+    _train(model, loss_of, train_steps, seed, lr=3e-3 * min(1.0, 64 / hidden))  # wider models need a smaller step
     model.bert.pooler.dense.bias.requires_grad_(False)  # a user-frozen parameter: must stay frozen
     victim = TextVictim("bert", model, tokenizer, model.bert.embeddings.word_embeddings, vectors=word_vectors())
     _pick_examples(victim, lambda texts: model(**batch(texts)).logits)
@@ -256,11 +257,11 @@ def text_victim(name: str, **kwargs: Any) -> TextVictim:
     raise ValueError(f"unknown text model {name!r}; valid: {', '.join(TEXT_MODELS)}")
 
 
-def _train(model: Any, loss_of: Any, steps: int, seed: int, batch_size: int = 32) -> None:
+def _train(model: Any, loss_of: Any, steps: int, seed: int, lr: float = 3e-3, batch_size: int = 32) -> None:
     import torch
 
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for step in range(steps):
         texts, labels = make_texts(batch_size, seed=1000 + step)

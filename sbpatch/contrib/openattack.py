@@ -330,7 +330,8 @@ def _save_masked_lm(victim: Any, path: str) -> None:
     from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *victim.words, *letters, *(f"##{c}" for c in letters)]
+    vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *victim.words, *letters,
+                                *(f"##{c}" for c in letters)]))
     vocab_file = os.path.join(path, "vocab.txt")
     with open(vocab_file, "w") as f:
         f.write("\n".join(vocab) + "\n")

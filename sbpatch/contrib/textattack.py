@@ -7,10 +7,12 @@ What freezing changes: TextAttack's model wrappers already query under ``torch.n
 every weight gradient of the victim; frozen, only the word-embedding weight's (below) and the input-side backward.
 
 The embedding: ``get_grad`` sets ``embedding.weight.requires_grad = True`` itself (and switches the model to
-``train()`` and back to ``eval()``), reads the gradient at the embedding output with a backward hook, and puts the
-flag back to what it found, which inside a frozen call is ``False``; sbpatch then restores ``True`` at the end of the
-call. So the word-embedding weight's gradient is still computed (TextAttack insists), nothing else's, and every
-``requires_grad`` is restored exactly: sbpatch restores only what it changed. ``get_grad`` also calls
+``train()`` and back to ``eval()``), reads the gradient at the embedding output with a backward hook, and then puts
+the flag back to what it found. sbpatch therefore keeps the word-embedding weight live (``keep``) and freezes the rest:
+TextAttack needs that weight's gradient anyway, its queries run under ``no_grad`` (a live weight costs them nothing),
+and its save/restore of the flag then finds, and restores, ``True`` as it does unpatched. So the word-embedding
+weight's gradient is still computed (TextAttack insists), nothing else's, and every ``requires_grad`` is as before the
+call (a weight the user froze stays frozen: TextAttack restores ``False``). ``get_grad`` also calls
 ``model.zero_grad()``: as shipped the call leaves every ``param.grad`` cleared and refilled; with sbpatch cleared, and
 refilled only for the word-embedding weight. The attack results are identical.
 
@@ -46,12 +48,22 @@ def _locate(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]
     return _modules_of(getattr(getattr(instance, "goal_function", None), "model", None))
 
 
+def _keep_embedding(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]:
+    """The word-embedding layer ``get_grad`` sets live itself (``model.get_input_embeddings()``), if any."""
+    for model in _locate(wrapped, instance, args, kwargs):
+        get = getattr(model, "get_input_embeddings", None)
+        layer = get() if callable(get) else None
+        if layer is not None and getattr(layer, "weight", None) is not None:
+            return [layer.weight]
+    return []
+
+
 INTEGRATION = Integration(
     name="textattack",
     distribution="textattack",
     module="textattack",
     supported=">=0.3.8,<0.4",
-    targets=(Target("textattack.attack", "Attack.attack", _locate, subclasses=True),),
+    targets=(Target("textattack.attack", "Attack.attack", _locate, subclasses=True, keep=_keep_embedding),),
     excluded={
         "textattack.Trainer": "adversarial training trains the model: never frozen (the attacks generating its "
         "adversarial examples are)",
@@ -69,15 +81,18 @@ OFFLINE_UNAVAILABLE: dict[str, str] = {
     "FasterGeneticAlgorithmJia2019": "counter-fitted word embeddings and the Google one-billion-words language "
     "model (downloads)",
     "GeneticAlgorithmAlzantot2018": "counter-fitted word embeddings and the Google language model (downloads)",
-    "HotFlipEbrahimi2017": "NLTK's POS tagger (a download); its gradient word swap runs here as a built attack",
+    "HotFlipEbrahimi2017": "counter-fitted word embeddings and NLTK's POS tagger (downloads); its gradient word "
+    "swap runs here as a built attack (GradientSwapBeam)",
     "IGAWang2019": "counter-fitted word embeddings (a download); its embedding swap runs here in built attacks",
     "LEAP2023": "NLTK WordNet (a download)",
-    "Kuleshov2017": "counter-fitted word embeddings, GPT-2 and the Universal Sentence Encoder (downloads)",
-    "MorpheusTan2020": "NLTK's POS tagger and lemminflect (downloads)",
+    "Kuleshov2017": "counter-fitted word embeddings (also behind its thought-vector constraint) and GPT-2 "
+    "(downloads)",
+    "MorpheusTan2020": "flair's upos-fast POS tagger (a download); its BLEU goal is for translation victims",
     "PSOZang2020": "HowNet sememes (OpenHowNet, a download)",
     "PWWSRen2019": "NLTK WordNet (a download)",
-    "Seq2SickCheng2018BlackBox": "a sequence-to-sequence victim (T5, a download)",
-    "TextBuggerLi2018": "GloVe word embeddings and the Universal Sentence Encoder (downloads; tensorflow_hub)",
+    "Seq2SickCheng2018BlackBox": "counter-fitted word embeddings (a download); a sequence-to-sequence victim",
+    "TextBuggerLi2018": "counter-fitted word embeddings and the Universal Sentence Encoder (downloads; "
+    "tensorflow_hub)",
     "TextFoolerJin2019": "counter-fitted word embeddings, NLTK's POS tagger and the Universal Sentence Encoder "
     "(downloads; tensorflow_hub); its search and embedding swap run here as a built attack",
     "ChineseRecipe": "Chinese HowNet, word embeddings and a Chinese masked LM (downloads)",
