@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,6 +47,9 @@ _NULL = contextlib.nullcontext()
 _lock = threading.Lock()
 # id(wrapper) -> [holders, what the first holder changed (to restore)]
 _held: dict[int, list[Any]] = {}
+_is_initialized: Any = None  # torch.distributed.is_initialized, once imported
+# module -> (the freeze ledger's generation, the wrappers found inside it)
+_inner_cache: weakref.WeakKeyDictionary[Any, tuple[int, tuple[Any, ...]]] = weakref.WeakKeyDictionary()
 
 
 def _types() -> tuple[Any, ...]:
@@ -69,8 +73,10 @@ def comm_free(targets: Iterable[Any]) -> contextlib.AbstractContextManager:
     ``targets`` reduce no gradient: for DDP no all-reduce in ``backward()``, no buffer broadcast in the forwards and
     no need for ``find_unused_parameters``; for FSDP2 no reduce-scatter (its forwards still all-gather).
 
-    ``targets``: the modules an attack call freezes (read once). Anything else is ignored; with no such wrapper a
-    shared ``nullcontext`` is returned (one ``isinstance`` per target). The returned object is for one
+    ``targets``: the modules an attack call freezes (read once); a wrapper among them or inside them
+    (``nn.Sequential(normalize, ddp_model)``) counts. Anything else is ignored; with no such wrapper a shared
+    ``nullcontext`` is returned (an ``isinstance`` per target, and a cached look inside it when a process group
+    exists). The returned object is for one
     ``with``. Nested and overlapping uses from several threads are counted per wrapper: the first holder switches
     the wrapper off (DDP: enters its ``no_sync()`` and, if DDP's next forward would broadcast the buffers,
     broadcasts them now, a collective every rank reaches once per attack call) and the last holder restores it.
@@ -82,7 +88,46 @@ def comm_free(targets: Iterable[Any]) -> contextlib.AbstractContextManager:
     for t in targets:
         if isinstance(t, types):
             found = [t] if found is None else [*found, t]
+        else:
+            inner = _inner_wrappers(t, types)
+            if inner:
+                found = [*(found or ()), *inner]
     return _NULL if found is None else _CommFree(found)
+
+
+def _inner_wrappers(target: Any, types: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The outermost wrappers inside ``target`` (``nn.Sequential(normalize, ddp_model)``, a library's wrapper
+    module); only when a process group exists (no wrapper can work without one), cached per module until any
+    module anywhere registers a submodule or a parameter (the freeze ledger's generation)."""
+    global _is_initialized
+    if _is_initialized is None:
+        module = sys.modules.get("torch.distributed")
+        if module is None:
+            return ()
+        _is_initialized = getattr(module, "is_initialized", None) or (lambda: False)
+    children = getattr(target, "_modules", None)
+    if not children or not _is_initialized():
+        return ()
+    freeze = sys.modules.get("sbpatch.freeze")
+    generation = getattr(freeze, "_generation", None) if getattr(freeze, "_hooks_installed", False) else None
+    cached = _inner_cache.get(target) if generation is not None else None
+    if cached is not None and cached[0] == generation:
+        return cached[1]
+    found: list[Any] = []
+    stack = list(children.values())
+    while stack:
+        module = stack.pop()
+        if module is None:
+            continue
+        if isinstance(module, types):
+            found.append(module)
+        else:
+            stack.extend(module._modules.values())
+    result = tuple(dict.fromkeys(found))
+    if generation is not None:
+        with contextlib.suppress(TypeError):  # not weak-referenceable: not cached
+            _inner_cache[target] = (generation, result)
+    return result
 
 
 class _CommFree:

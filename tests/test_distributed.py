@@ -116,6 +116,7 @@ def work(rank, port, out):
     def uneven():
         torchattacks.CW(ddp, steps=1 + 3 * rank)(x, y)
         torchattacks.PGD(ddp, steps=1 + 4 * rank)(x, y)
+        torchattacks.CW(nn.Sequential(nn.Identity(), ddp), steps=1 + 2 * rank)(x, y)  # DDP inside a wrapper
 
     res["vit_collectives"] = collectives(uneven)
 
@@ -272,7 +273,7 @@ def test_ddp_transformer_attack_identical_and_communication_free(ddp_ranks):
         assert res["kept_live"]
         assert res["vit_shipped_allreduce"] > 0  # as shipped, every attack backward all-reduces
         assert res["vit_identical"]
-        assert res["vit_collectives"] == []  # uneven CW + PGD: no collective of any kind
+        assert res["vit_collectives"] == []  # uneven CW, PGD, CW through a wrapper: no collective of any kind
         assert res["vit_attack_allreduce"] == 0
         assert res["flags_restored"] and res["requires_grad_restored"]
         assert res["live_inside"] == ["encoder.layers.encoder_layer_0.self_attention.in_proj_weight"]
