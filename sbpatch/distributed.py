@@ -48,7 +48,7 @@ _lock = threading.Lock()
 # id(wrapper) -> [holders, what the first holder changed (to restore)]
 _held: dict[int, list[Any]] = {}
 _is_initialized: Any = None  # torch.distributed.is_initialized, once imported
-# module -> (the freeze ledger's generation, the wrappers found inside it)
+# module -> (the freeze ledger's generation, weak references to the wrappers found inside it)
 _inner_cache: weakref.WeakKeyDictionary[Any, tuple[int, tuple[Any, ...]]] = weakref.WeakKeyDictionary()
 
 
@@ -76,10 +76,10 @@ def comm_free(targets: Iterable[Any]) -> contextlib.AbstractContextManager:
     ``targets``: the modules an attack call freezes (read once); a wrapper among them or inside them
     (``nn.Sequential(normalize, ddp_model)``) counts. Anything else is ignored; with no such wrapper a shared
     ``nullcontext`` is returned (an ``isinstance`` per target, and a cached look inside it when a process group
-    exists). The returned object is for one
-    ``with``. Nested and overlapping uses from several threads are counted per wrapper: the first holder switches
-    the wrapper off (DDP: enters its ``no_sync()`` and, if DDP's next forward would broadcast the buffers,
-    broadcasts them now, a collective every rank reaches once per attack call) and the last holder restores it.
+    exists). The returned object is for one ``with``. Nested and overlapping uses from several threads are counted
+    per wrapper: the first holder switches the wrapper off (DDP: enters its ``no_sync()`` and, if DDP's next
+    forward would broadcast the buffers, broadcasts them now, a collective every rank reaches once per attack call)
+    and the last holder restores it.
     """
     types = _wrapper_types if _all_types else _types()
     if not types:
@@ -110,9 +110,14 @@ def _inner_wrappers(target: Any, types: tuple[Any, ...]) -> tuple[Any, ...]:
         return ()
     freeze = sys.modules.get("sbpatch.freeze")
     generation = getattr(freeze, "_generation", None) if getattr(freeze, "_hooks_installed", False) else None
-    cached = _inner_cache.get(target) if generation is not None else None
+    try:
+        cached = _inner_cache.get(target) if generation is not None else None
+    except TypeError:  # not weak-referenceable
+        cached = generation = None
     if cached is not None and cached[0] == generation:
-        return cached[1]
+        alive = tuple(ref() for ref in cached[1])
+        if None not in alive:
+            return alive
     found: list[Any] = []
     stack = list(children.values())
     while stack:
@@ -125,8 +130,7 @@ def _inner_wrappers(target: Any, types: tuple[Any, ...]) -> tuple[Any, ...]:
             stack.extend(module._modules.values())
     result = tuple(dict.fromkeys(found))
     if generation is not None:
-        with contextlib.suppress(TypeError):  # not weak-referenceable: not cached
-            _inner_cache[target] = (generation, result)
+        _inner_cache[target] = (generation, tuple(weakref.ref(w) for w in result))  # never keeps target alive
     return result
 
 
