@@ -71,26 +71,29 @@ def measure(name: str, attack: str, batch: int, args: Any, settings: Any) -> dic
 
 
 def pick_batch(model: Any, name: str, steps: int, target_s: float, device: str) -> int:
-    """The power of two in [4, 128] that makes ``steps`` forward+backward passes take about ``target_s``: tiny models
-    get large batches, so that every call lasts long enough to time on a shared machine."""
+    """The power of two in [4, 256] that makes ``steps`` forward+backward passes take about ``target_s``: tiny models
+    get large batches, so that every call lasts long enough to time on a shared machine. The cost per example is
+    the slope between batches of 8 and 32 (a tiny model's fixed per-pass cost would otherwise dominate)."""
+    import math
     import statistics
-
-    import torch
 
     from sbpatch.bench import zoo
 
-    x, _ = zoo.inputs(name, 8)
-    x = x.to(device)
-    times = []
-    for _ in range(4):
-        xg = x.clone().requires_grad_(True)
-        t0 = time.process_time()
-        model(xg).sum().backward()
-        times.append(time.process_time() - t0)
-    model.zero_grad(set_to_none=True)
-    per_example = statistics.median(times[1:]) / 8
-    wanted = target_s / (steps * max(per_example, 1e-6))
-    return int(min(128, max(4, 2 ** round(torch.log2(torch.tensor(wanted)).item()))))
+    def seconds(batch: int) -> float:
+        x = zoo.inputs(name, batch)[0].to(device)
+        times = []
+        for _ in range(4):
+            xg = x.clone().requires_grad_(True)
+            t0 = time.process_time()
+            model(xg).sum().backward()
+            times.append(time.process_time() - t0)
+        model.zero_grad(set_to_none=True)
+        return statistics.median(times[1:])
+
+    small, large = seconds(8), seconds(32)
+    per_example = max((large - small) / 24, large / 64, 1e-7)
+    wanted = target_s / (steps * per_example)
+    return int(min(256, max(4, 2 ** round(math.log2(wanted)))))
 
 
 def _same(model: Any, calls: dict[str, Any], column: str) -> bool:
@@ -127,7 +130,7 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"`python benchmarks/zoo.py`: {len(cfg['models'])} models x {len(cfg['attacks'])} attacks, "
         + (f"batch {cfg['batch_size']}" if cfg["batch_size"] else
-           f"batch per model (B: the power of two in [4, 128] giving calls of about {cfg['target_s']} s)")
+           f"batch per model (B: the power of two in [4, 256] giving calls of about {cfg['target_s']} s)")
         + f", {cfg['steps']} steps, {cfg['repeats']} interleaved rounds after a warm-up; torch "
         f"{meta['torch']}, {meta['device']} ({meta['device_name']}), {meta['threads']} thread(s), "
         f"{data['elapsed_s']:.0f} s in all; sbpatch {meta.get('sbpatch_source', '?')}. Ratios are as shipped / "
@@ -215,7 +218,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=None,
                    help="one batch size for every model (default: per model, see --target-s)")
     p.add_argument("--target-s", type=float, default=0.1,
-                   help="default batch: the power of two in [4, 128] giving calls of about this many CPU seconds")
+                   help="default batch: the power of two in [4, 256] giving calls of about this many CPU seconds")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--memory", action="store_true", help="also the peak memory per column")
     args = p.parse_args()
