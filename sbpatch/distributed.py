@@ -31,11 +31,14 @@ reduction, so the gradients of kept (live) weights never reach the next training
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 import weakref
 from collections.abc import Iterable
 from typing import Any
+
+log = logging.getLogger("sbpatch")
 
 _DDP_MODULE = "torch.nn.parallel.distributed"
 _FSDP_MODULE = "torch.distributed.fsdp._fully_shard._fully_shard"
@@ -47,6 +50,7 @@ _NULL = contextlib.nullcontext()
 _lock = threading.Lock()
 # id(wrapper) -> [holders, what the first holder changed (to restore)]
 _held: dict[int, list[Any]] = {}
+_fsdp_failed = False  # warned once
 _is_initialized: Any = None  # torch.distributed.is_initialized, once imported
 # module -> (the freeze ledger's generation, weak references to the wrappers found inside it)
 _inner_cache: weakref.WeakKeyDictionary[Any, tuple[int, tuple[Any, ...]]] = weakref.WeakKeyDictionary()
@@ -201,7 +205,19 @@ def _ddp_buffers_once(ddp: Any) -> None:
 
 def _fsdp_off(root: Any) -> Any:
     """Turn off gradient reduction in every FSDP2 parameter group under ``root``; return the function that restores
-    the groups' flags and the unsharded gradients FSDP keeps for its next reduction."""
+    the groups' flags and the unsharded gradients FSDP keeps for its next reduction. FSDP internals that moved (a
+    torch version this was not written for) leave FSDP as it is: its gradients are reduced as unpatched."""
+    global _fsdp_failed
+    try:
+        return _fsdp_switch(root)
+    except Exception:
+        if not _fsdp_failed:
+            _fsdp_failed = True
+            log.warning("sbpatch: could not switch off FSDP's gradient reduction for attacks", exc_info=True)
+        return None
+
+
+def _fsdp_switch(root: Any) -> Any:
     groups: list[tuple[Any, bool, bool]] = []
     params: list[tuple[Any, Any, Any, Any]] = []
     for module in root.modules():
