@@ -121,6 +121,9 @@ REPRESENTATIVE: dict[str, tuple[str, ...]] = {
     "advertorch": ("PGD", "CarliniWagnerL2Attack", "LinfSPSAAttack"),
     "deeprobust": ("PGD", "CarliniWagner", "NATTACK"),
     "cleverhans": ("PGD", "carlini_wagner_l2", "hop_skip_jump_attack"),
+    # Text libraries (a text victim, sbpatch.bench.text.TextVictim): a gradient attack, a search, a black-box one.
+    "openattack": ("FD", "PWWS", "DeepWordBug"),
+    "textattack": ("EmbeddingSwapGradientWIR", "EmbeddingSwapGreedyWIR", "DeepWordBugGao2018"),
 }
 # What `sbpatch verify --all` costs with the CLI defaults (cnn, 32 px, batch 4, 2 steps), measured on 2 cores.
 FULL_SET_DURATION = "about 15 minutes"
@@ -195,21 +198,32 @@ def verify(
     """Run installed libraries' attacks on ``model`` unpatched and patched; report identical/DIFFERENT and time.
 
     ``inputs``: a float tensor in [0, 1] of shape (N, C, H, W); ``labels``: int64 class labels; the model returns
-    logits. ``libraries`` defaults to every installed, supported one. ``attacks``: None for a representative set per
-    library (:data:`REPRESENTATIVE`), ``"all"`` for every attack, or names (``"PGD"`` means each library's own PGD);
+    logits. For the text libraries (OpenAttack, TextAttack) ``model`` is a text victim
+    (:class:`sbpatch.bench.text.TextVictim`: the module, its tokenizer and word-embedding layer, and a word embedding
+    for the substitutes), ``inputs`` a list of texts and ``labels`` a list of ints. ``libraries`` defaults to every
+    installed, supported one of the model's kind. ``attacks``: None for a representative set per library
+    (:data:`REPRESENTATIVE`), ``"all"`` for every attack, or names (``"PGD"`` means each library's own PGD);
     a name no selected library has raises :class:`~sbpatch.errors.ConfigError` naming the valid ones. ``progress``:
     a progress bar on a terminal, otherwise one line per attack on stderr as it finishes. The model's
     ``requires_grad`` flags, ``.grad`` and train/eval modes are put back as they were after each attack. Libraries
     that were not enabled are enabled for the run and disabled again afterwards.
     """
-    from sbpatch.bench.workloads import image_libraries
+    from sbpatch.bench.workloads import image_libraries, modality
 
-    # by default the image libraries: the text ones' cases() take a text victim (sbpatch.bench.text.TextVictim)
+    # The libraries of the model's kind: a text victim (sbpatch.bench.text.TextVictim: .model, .tokenizer,
+    # .embedding, .words, .vectors) goes to the text libraries, anything else to the image ones.
+    kind = "text" if _is_text_victim(model) else "image"
     names = registry.check_names(list(libraries)) if libraries else image_libraries()
+    if kind == "text" and not libraries:
+        names = [n for n in registry.INTEGRATIONS if modality(n) == "text"]
+    other = [n for n in names if modality(n) != kind]
+    names = [n for n in names if n not in other]
     if isinstance(attacks, str) and attacks != "all":
         attacks = [attacks]
     wanted = None if attacks is None or attacks == "all" else list(attacks)
     report = VerifyReport()
+    if other:
+        report.notes.append(f"skipped {', '.join(other)}: not {kind} attack libraries")
     cases: dict[str, dict[str, Any]] = {}
     enabled_here = []
     try:
@@ -251,10 +265,15 @@ def verify(
     return report
 
 
-def _one(library: str, attack: str, build: Any, model: Any, x: Any, y: Any, steps: int, seed: int) -> VerifyResult:
+def _is_text_victim(model: Any) -> bool:
+    return all(hasattr(model, a) for a in ("model", "tokenizer", "embedding", "words", "vectors"))
+
+
+def _one(library: str, attack: str, build: Any, victim: Any, x: Any, y: Any, steps: int, seed: int) -> VerifyResult:
+    model = victim.model if _is_text_victim(victim) else victim  # the nn.Module whose state is checked
     state = _state(model)
     try:
-        run = build(model, x, y, steps)
+        run = build(victim, x, y, steps)
         seed_all(seed)
         start = time.perf_counter()
         with paused():
@@ -334,11 +353,14 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``sbpatch verify``."""
+    from sbpatch.bench.text import TEXT_MODELS
     from sbpatch.bench.workloads import MODELS
     from sbpatch.cli import library_list
 
-    parser.add_argument("--model", choices=MODELS, default="cnn", help="a random-initialised model")
-    parser.add_argument("--batch-size", type=_positive, default=4, help="images per attack call")
+    parser.add_argument("--model", choices=MODELS + TEXT_MODELS, default="cnn",
+                        help="a random-initialised image model, or a small text classifier trained offline for a "
+                        "few seconds (bert, lstm: the text libraries' attacks)")
+    parser.add_argument("--batch-size", type=_positive, default=4, help="images (texts) per attack call")
     parser.add_argument("--image-size", type=_positive, default=32, help="pixels (vit_b_16: a multiple of 16)")
     parser.add_argument("--steps", type=_positive, default=2, help="iterations of iterative attacks")
     parser.add_argument("--libraries", type=library_list, default=None, metavar="LIB[,LIB]",
@@ -386,8 +408,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(args.model, args.image_size)
-    x, y = make_data(args.batch_size, args.image_size)
+    from sbpatch.bench.text import TEXT_MODELS
+
+    if args.model in TEXT_MODELS:
+        from sbpatch.bench.text import offline, text_victim
+
+        offline()  # the text libraries import without any download
+        model = text_victim(args.model)
+        x, y = model.texts[: args.batch_size], model.labels[: args.batch_size]
+    else:
+        model = build_model(args.model, args.image_size)
+        x, y = make_data(args.batch_size, args.image_size)
     attacks = "all" if getattr(args, "all", False) else args.attacks
     try:
         report = verify(model, x, y, libraries=args.libraries or None, attacks=attacks, steps=args.steps,

@@ -113,7 +113,7 @@ def test_embedding_hook_added_for_the_call_and_removed():
         run()
     finally:
         probe.remove()
-    assert seen and all(n == len(hooks_before) + 2 for n, _ in seen)  # ours, prepended, plus the probe
+    assert seen and all(n == len(hooks_before) + 3 for n, _ in seen)  # ours (prepended), OpenAttack's, the probe
     assert all(leaf for _, leaf in seen)  # a leaf that requires grad: no weight gradient behind it
     assert list(layer._forward_hooks) == hooks_before
     assert not contrib._hooks
@@ -143,11 +143,13 @@ def test_attack_eval_identical():
     x, y = texts(v)
     tokenizer = contrib.english_tokenizer()
     attacker = OpenAttack.attackers.PWWSAttacker(tokenizer=tokenizer, substitute=contrib.substitute(v))
-    evaluator = OpenAttack.AttackEval(attacker, contrib._classifier(v), tokenizer=tokenizer)
+    classifier = contrib._classifier(v)
+    evaluator = OpenAttack.AttackEval(attacker, classifier, tokenizer=tokenizer)
 
     def run() -> list:
         data = [{"x": t, "y": label} for t, label in zip(x, y)]
-        return [(r["success"], r["result"], r["metrics"]["Victim Model Queries"]) for r in evaluator.ieval(data)]
+        with contrib.attached(classifier):
+            return [(r["success"], r["result"], r["metrics"]["Victim Model Queries"]) for r in evaluator.ieval(data)]
 
     assert compare("openattack", "AttackEval(PWWS)", v.model, run, "bert").result == "identical"
 
@@ -171,7 +173,8 @@ def test_user_attacker_defined_after_enable_is_frozen():
 
     assert isinstance(OneWordAttacker.__dict__["attack"], sbpatch.patching.SbpatchWrapper)
     calls = registry.counters("openattack").calls
-    OneWordAttacker()(contrib._classifier(v), {"x": x[0], "y": y[0]})
+    with contrib.attached(contrib._classifier(v)) as classifier:
+        OneWordAttacker()(classifier, {"x": x[0], "y": y[0]})
     assert seen == [False] and registry.counters("openattack").calls >= calls + 2
     assert v.model.classifier.weight.requires_grad
 

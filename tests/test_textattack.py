@@ -213,3 +213,31 @@ print("calls", registry.counters("textattack").calls, "identical", identical(got
     out = run_python(args=[str(script)], env={"SBPATCH": "all"}, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "calls 2 identical True" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_verify_accepts_a_text_victim():
+    """sbpatch.verify on a text victim runs the text libraries only (an image library named is skipped, noted)."""
+    v = victim("lstm", "textattack")
+    x, y = texts(v, 1)
+    report = sbpatch.verify(v, x, y, libraries=["textattack", "torchattacks"], attacks=["DeepWordBugGao2018"],
+                            progress=False)
+    assert [(r.library, r.attack, r.result) for r in report] == [("textattack", "DeepWordBugGao2018", "identical")]
+    assert report.ok and any("skipped torchattacks" in n for n in report.notes)
+
+
+def test_bench_cli_with_a_text_model(tmp_path, capsys):
+    """sbpatch bench --model lstm: the three columns on a text victim, identical, written as JSON."""
+    import json
+
+    from sbpatch.bench import cli
+
+    out = tmp_path / "bench.json"
+    argv = ["--model", "lstm", "--libraries", "textattack", "--attacks", "EmbeddingSwapGradientWIR", "--repeats", "1",
+            "--batch-size", "1", "--steps", "2", "--json", str(out)]
+    assert cli.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["library"], r["attack"], r["identical"], r["engaged"]) for r in rows] == [
+        ("textattack", "EmbeddingSwapGradientWIR", True, True)
+    ]
+    assert rows[0]["params_with_grad"]["sbpatch"] == 1 < rows[0]["params_with_grad"]["shipped"]
+    assert "| textattack | EmbeddingSwapGradientWIR |" in capsys.readouterr().out

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sbpatch.bench.text import TEXT_MODELS
 from sbpatch.bench.workloads import LIBRARIES, MODELS
 
 DEVICES = ("cpu", "cuda")
@@ -84,7 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attacks", type=name_list, action="extend", metavar="NAME[,NAME]",
                         help="attacks: PGD (mapped per library) or a library's attack name, e.g. CW, DeepFool, "
                         "AutoAttack (default: PGD everywhere plus torchattacks CW and DeepFool)")
-    parser.add_argument("--model", choices=MODELS, default=d["model"], help=f"victim model (default {d['model']})")
+    parser.add_argument("--model", choices=MODELS + TEXT_MODELS, default=d["model"],
+                        help=f"victim model (default {d['model']}); bert, lstm: a text classifier trained offline, "
+                        "for the text libraries (openattack, textattack)")
     parser.add_argument("--batch-size", type=positive_int, default=d["batch_size"],
                         help="images per attack call; default %(default)s")
     parser.add_argument("--image-size", type=positive_int, default=d["image_size"], help="pixels; default %(default)s")
@@ -148,9 +151,17 @@ def run(args: argparse.Namespace) -> int:
         args.metric = "cpu" if args.device == "cpu" else "wall"
 
     import sbpatch
-    from sbpatch.bench import models, report, runner, workloads
+    from sbpatch.bench import models, report, runner, text, workloads
 
+    only_text = bool(args.libraries) and all(workloads.modality(lib) == "text" for lib in args.libraries)
+    if args.model in TEXT_MODELS or only_text:
+        return text.bench(args)  # text libraries: a text victim, no hand-written limit
     libraries = list(dict.fromkeys(args.libraries or workloads.image_libraries()))
+    text_libraries = [lib for lib in libraries if workloads.modality(lib) == "text"]
+    if text_libraries:
+        print(f"sbpatch bench: {', '.join(text_libraries)}: text libraries run with --model bert or lstm; skipped",
+              file=sys.stderr)
+        libraries = [lib for lib in libraries if lib not in text_libraries]
     cases: dict[str, dict[str, Any]] = {}
     notes: dict[str, str] = {}
     for lib in libraries:

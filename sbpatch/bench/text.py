@@ -283,3 +283,197 @@ def _pick_examples(victim: TextVictim, logits_of: Any, n: int = 8) -> None:
     victim.accuracy = len(good) / len(texts)
     victim.texts = [t for t, _ in good[:n]]
     victim.labels = [y for _, y in good[:n]]
+
+
+# --- timing: as shipped / one-liner / sbpatch (sbpatch bench with a text model, benchmarks/table4.py) -------------
+
+TEXT_COLUMNS: tuple[str, ...] = ("shipped", "oneliner", "sbpatch")
+# What `sbpatch bench --model bert` runs per text library when no --attacks are given.
+TEXT_DEFAULT_ATTACKS: dict[str, tuple[str, ...]] = {
+    "openattack": ("PWWS", "FD", "DeepWordBug"),
+    "textattack": ("EmbeddingSwapGradientWIR", "DeepWordBugGao2018"),
+}
+
+
+def text_columns(victim: TextVictim, run: Any) -> dict[str, Any]:
+    """The three calls of a row. The one-liner freezes every parameter by hand except the word-embedding weight:
+    with that frozen too OpenAttack's ``retain_grad`` fails at the first query (and TextAttack sets it live itself)."""
+    import sbpatch
+
+    model, embedding = victim.model, victim.embedding.weight
+
+    def shipped() -> Any:
+        with sbpatch.paused():
+            return run()
+
+    def oneliner() -> Any:
+        with sbpatch.paused():
+            live = [p for p in model.parameters() if p.requires_grad and p is not embedding]
+            for p in live:
+                p.requires_grad_(False)
+            try:
+                return run()
+            finally:
+                for p in live:
+                    p.requires_grad_(True)
+
+    return {"shipped": shipped, "oneliner": oneliner, "sbpatch": run}
+
+
+def measure_text(victim: TextVictim, run: Any, library: str, repeats: int, device: str = "cpu") -> dict[str, Any]:
+    """One row: the columns interleaved in rotated order after a warm-up round (medians of wall and CPU time), the
+    outputs compared with as shipped, the parameters left with a ``.grad``, peak memory per column."""
+    import statistics
+    import time
+
+    import torch
+
+    from sbpatch import registry
+    from sbpatch.bench.runner import measure_memory
+    from sbpatch.verify import identical, seed_all
+
+    calls = text_columns(victim, run)
+    model = victim.model
+    counters = registry.counters(library)
+
+    def once(name: str) -> tuple[Any, float, float, int]:
+        seed_all(0)
+        model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = calls[name]()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        with_grad = sum(p.grad is not None for p in model.parameters())
+        model.zero_grad(set_to_none=True)
+        return out, wall, cpu, with_grad
+
+    outputs, grads = {}, {}
+    before = counters.calls
+    for name in TEXT_COLUMNS:  # warm-up round: the outputs to compare
+        outputs[name], _, _, grads[name] = once(name)
+    engaged = counters.calls > before
+    times: dict[str, dict[str, list[float]]] = {c: {"wall": [], "cpu": []} for c in TEXT_COLUMNS}
+    for r in range(repeats):
+        shift = r % len(TEXT_COLUMNS)
+        for name in TEXT_COLUMNS[shift:] + TEXT_COLUMNS[:shift]:
+            _, wall, cpu, _ = once(name)
+            times[name]["wall"].append(wall)
+            times[name]["cpu"].append(cpu)
+    memory = {name: measure_memory(model, calls[name], device) for name in TEXT_COLUMNS}
+    model.zero_grad(set_to_none=True)
+    out = outputs["sbpatch"]
+    successes = sum(r is not None and (not isinstance(r, tuple) or r[0] == "SuccessfulAttackResult") for r in out)
+    return {
+        "median_s": {c: {k: statistics.median(v) for k, v in t.items()} for c, t in times.items()},
+        "identical": identical(outputs["shipped"], outputs["sbpatch"]),
+        "oneliner_identical": identical(outputs["shipped"], outputs["oneliner"]),
+        "engaged": engaged,
+        "params_with_grad": {"shipped": grads["shipped"], "sbpatch": grads["sbpatch"]},
+        "memory_bytes": memory,
+        "successes": f"{successes}/{len(out)}",
+    }
+
+
+def text_markdown(title: str, description: str, rows: list[dict[str, Any]], metric: str) -> str:
+    """The markdown table of measured (or skipped, with their note) text rows."""
+    import statistics
+
+    lines = [
+        f"# {title}",
+        "",
+        description,
+        "",
+        "| library | attack | as shipped s | one-liner (embedding live) | sbpatch | identical | params with .grad "
+        "shipped -> sbpatch | peak memory shipped -> sbpatch | successes | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if "median_s" not in r:
+            lines.append(f"| {r['library']} | {r['attack']} | not run | | | | | | | {r.get('note', '')} |")
+            continue
+        m = r["median_s"]
+        shipped = m["shipped"][metric]
+        ratio = {c: shipped / m[c][metric] for c in TEXT_COLUMNS}
+        mem = r["memory_bytes"]
+        grads = r["params_with_grad"]
+        cells = [
+            r["library"], r["attack"], f"{shipped:.3f}", f"{ratio['oneliner']:.2f}x", f"**{ratio['sbpatch']:.2f}x**",
+            "yes" if r["identical"] else "NO", f"{grads['shipped']} -> {grads['sbpatch']}",
+            f"{mem['shipped'] / 2**20:.1f} -> {mem['sbpatch'] / 2**20:.1f} MiB", r["successes"], r.get("note", ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    measured = [r for r in rows if "median_s" in r]
+    if measured:
+        mean = statistics.mean(r["median_s"]["shipped"][metric] / r["median_s"]["sbpatch"][metric] for r in measured)
+        lines += ["", f"Mean sbpatch speed-up over the {len(measured)} measured rows: **{mean:.2f}x**."]
+    return "\n".join(lines) + "\n"
+
+
+def bench(args: Any) -> int:
+    """``sbpatch bench`` with a text model (``--model bert|lstm``) or text libraries: the text rows of each named
+    library (``--attacks``, default :data:`TEXT_DEFAULT_ATTACKS`) on a BERT of 4 layers, hidden 256 (or the LSTM),
+    trained here; ``--batch-size`` texts per call. Prints a markdown table; ``--json``/``--markdown`` write it."""
+    import importlib
+    import json
+    import sys
+
+    import sbpatch
+    from sbpatch import registry
+    from sbpatch.bench import report
+    from sbpatch.bench.workloads import modality
+
+    offline()
+    name = args.model if args.model in TEXT_MODELS else "bert"
+    libraries = [lib for lib in (args.libraries or list(registry.INTEGRATIONS)) if modality(lib) == "text"]
+    cases: dict[str, dict[str, Any]] = {}
+    for lib in libraries:
+        try:
+            sbpatch.enable(lib)
+            cases[lib] = dict(importlib.import_module(registry.INTEGRATIONS[lib]).cases())
+        except Exception as exc:  # not installed, unsupported, does not import
+            print(f"sbpatch bench: {lib}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if args.attacks:
+        bad = [a for a in args.attacks if not any(a in c for c in cases.values())]
+        if bad:
+            valid = sorted({a for c in cases.values() for a in c}, key=str.lower)
+            print(f"sbpatch bench: error: argument --attacks: invalid choice {', '.join(map(repr, bad))} "
+                  f"(choose from {', '.join(valid)})", file=sys.stderr)
+            return 2
+    device = args.device
+    victim = bert_victim(layers=4, hidden=256, heads=4, train_steps=80, device=device) if name == "bert" else (
+        lstm_victim(hidden=64, train_steps=80))
+    texts, labels = victim.texts[: args.batch_size], victim.labels[: args.batch_size]
+    metric = args.metric if args.metric in ("wall", "cpu") else ("cpu" if device == "cpu" else "wall")
+    rows = []
+    for lib, lib_cases in cases.items():
+        for attack in args.attacks or TEXT_DEFAULT_ATTACKS.get(lib, ()):
+            if attack not in lib_cases:
+                continue
+            print(f"{lib} {attack} ...", file=sys.stderr, flush=True)
+            run = lib_cases[attack](victim, texts, labels, args.steps)
+            rows.append({"library": lib, "attack": attack, **measure_text(victim, run, lib, args.repeats, device)})
+    meta = report.machine(device, _threads())
+    size = "4 layers, hidden 256" if name == "bert" else "TextAttack LSTM, hidden 64"
+    description = (
+        f"{name} victim ({size}), {len(texts)} texts per call, {args.steps} steps; {args.repeats} interleaved rounds "
+        f"after a warm-up, medians of {metric} time; torch {meta['torch']}, {device}, {meta['threads']} thread(s). "
+        "Ratio = as shipped / column; the one-liner keeps the word-embedding weight live (OpenAttack needs it)."
+    )
+    text = text_markdown("sbpatch bench: text attacks", description, rows, metric)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "metric": metric, "model": name, "rows": rows}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    return 0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

@@ -163,7 +163,12 @@ def cases() -> dict[str, Builder]:
         def build(victim: Any, texts: Any, labels: Any, steps: int) -> Callable[[], Any]:
             attacker = make(victim, steps)
             classifier = _classifier(victim)
-            return lambda: [_attack(attacker, classifier, t, y) for t, y in zip(texts, labels)]
+
+            def run() -> list[Any]:
+                with attached(classifier):
+                    return [_attack(attacker, classifier, t, y) for t, y in zip(texts, labels)]
+
+            return run
 
         return build
 
@@ -252,7 +257,9 @@ def _device(victim: Any) -> Any:
 
 
 def _classifier(victim: Any) -> Any:
-    """The OpenAttack classifier over ``victim`` (one per victim: each registers a hook on the embedding layer)."""
+    """The OpenAttack classifier over ``victim``, cached on it, without its embedding hook: use it inside
+    :func:`attached`. (OpenAttack's classifier registers a ``retain_grad`` hook on the embedding layer for good, after
+    which any ``no_grad`` forward of the model fails: the victim would be unusable by the other library.)"""
     cached = getattr(victim, "_openattack_classifier", None)
     if cached is not None:
         return cached
@@ -265,11 +272,24 @@ def _classifier(victim: Any) -> Any:
         )
     else:
         classifier = _torch_classifier_type()(victim.model, victim.tokenizer, victim.embedding)
+    classifier.hook.remove()
     try:
         victim._openattack_classifier = classifier
     except AttributeError:
         pass
     return classifier
+
+
+@contextlib.contextmanager
+def attached(classifier: Any) -> Iterator[Any]:
+    """OpenAttack's embedding hook (``HookCloser``) on ``classifier.embedding_layer`` for the duration of the block."""
+    from OpenAttack.utils import HookCloser
+
+    handle = classifier.embedding_layer.register_forward_hook(HookCloser(classifier))
+    try:
+        yield classifier
+    finally:
+        handle.remove()
 
 
 _TORCH_CLASSIFIER: list[type] = []
@@ -295,7 +315,7 @@ def _torch_classifier_type() -> type:
             self.tokenizer = tokenizer
             self.embedding_layer = embedding_layer
             self.curr_embedding = None
-            self.hook = embedding_layer.register_forward_hook(HookCloser(self))
+            self.hook = embedding_layer.register_forward_hook(HookCloser(self))  # as TransformersClassifier does
 
         def get_pred(self, input_: list[str]) -> Any:
             return self.get_prob(input_).argmax(axis=1)
