@@ -5,17 +5,13 @@ For every case (a small module plus an input) and two passes:
 * ``grad``:  the input requires grad, forward then ``(out * r).sum().backward()``; compares the output and x.grad;
 * ``query``: grad mode on, no input needs grad (a black-box query); compares the output;
 
-four parameter states are run from the same seeds:
+three parameter states are run from the same seeds:
 
-* ``live``:     every parameter requires grad (the model as shipped);
-* ``frozen``:   every parameter frozen (the paper's one-liner);
-* ``rules``:    frozen except what sbpatch's run-time rules keep live (simulated here, independently of
-  sbpatch/freeze.py): a forward pre-hook on each ``nn.Linear`` keeps its ``weight`` Parameter live while its input
-  is a >= 3-D tensor whose leading dims cannot be folded without a copy (``should_fold``'s stride test), and
-  ``nn.MultiheadAttention`` keeps ``in_proj_weight`` / ``q,k,v_proj_weight`` live;
-* ``extended``: the rules plus the extensions proposed in docs/kernels.md (see ``state``).
-
-The hooks of ``rules``/``extended`` are registered for each call and removed after it.
+* ``live``:    every parameter requires grad (the model as shipped);
+* ``frozen``:  every parameter frozen (the paper's one-liner);
+* ``sbpatch``: every parameter live, and the pass runs inside ``sbpatch.frozen(model)`` -- the real implementation
+  (sbpatch/freeze.py) with its run-time kernel-preserving rules (``sbpatch.freeze.builtin_rules()``); what it kept
+  live is recorded. Its learned rules persist across calls, as in a real attack.
 
 Per case and pass it records: bit-identity of each state with live (``torch.equal`` on every output), the
 forward's ATen ops that differ from live (a ``torch.profiler`` trace: which kernel ran), and the CPU time of one
@@ -23,8 +19,8 @@ pass per state (medians of interleaved repeats, ``time.process_time``). A separa
 shapes on a transposed input whose output differs frozen vs live.
 
 Run: OMP_NUM_THREADS=1 python benchmarks/kernels.py [--threads 1] [--repeats 15] [--only SUBSTR] [--compile]
-Writes benchmarks/results/kernels.json. About a minute on one core; ``--compile`` adds a torch.compile case
-(inductor, needs a C++ compiler; a minute more with a warm inductor cache, a few minutes cold).
+Writes benchmarks/results/kernels.json. About a minute on one core; ``--compile`` adds two torch.compile cases
+(inductor, needs a C++ compiler; a few minutes more).
 """
 
 from __future__ import annotations
@@ -35,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections import Counter
@@ -47,95 +44,41 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-STATES = ("live", "frozen", "rules", "extended")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # measure this checkout's sbpatch, not an installed copy
+    sys.path.insert(0, REPO)
+
+import sbpatch  # noqa: E402
+
+STATES = ("live", "frozen", "sbpatch")
 
 # ---------------------------------------------------------------------------------------------------------------
 # parameter states
 
 
-def foldable(x: Tensor) -> bool:
-    """``should_fold``'s test (aten/src/ATen/native/LinearAlgebra.cpp): leading dims foldable without a copy."""
-    if x.dim() < 3 or x.numel() == 0:
-        return True
-    s, z = x.stride(), x.shape
-    return all(s[i] == s[i + 1] * z[i + 1] for i in range(x.dim() - 2))
-
-
-MHA_KEPT = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-
-
 @contextlib.contextmanager
-def state(model: nn.Module, name: str) -> Iterator[None]:
+def state(model: nn.Module, name: str, keep: tuple[str, ...] = ()) -> Iterator[list[str]]:
     """Put every parameter of ``model`` in state ``name`` for the block, then restore.
 
-    live: all require grad; frozen: none; rules: sbpatch's two rules (module docstring); extended: the rules plus
-    the extensions proposed in docs/kernels.md -- (a) nn.RNN/GRU/LSTM keep ``weight_ih_l0[_reverse]`` live while
-    the time-major input cannot be folded, (b) the Linear rule keeps every parameter that produces the weight
-    (parametrizations, legacy weight_norm/spectral_norm hooks) and runs before other pre-hooks, (c) parameters whose
-    name contains ``relative_position`` or ``rel_pos`` (timm's attention biases, fed to SDPA as attn_mask) stay live.
+    live: all require grad; frozen: none; sbpatch: all live, then the block runs inside
+    ``sbpatch.frozen(model, keep=keep)`` (the real implementation, with its run-time rules). Yields a list that, on
+    leaving an ``sbpatch`` block, holds the names of the parameters live at the end of the call (what sbpatch kept).
     """
     params = list(model.parameters())
     before = [p.requires_grad for p in params]
-    handles = []
+    kept: list[str] = []
     try:
-        if name == "live":
-            for p in params:
-                p.requires_grad_(True)
+        for p in params:
+            p.requires_grad_(name != "frozen")
+        if name == "sbpatch":
+            with sbpatch.frozen(model, keep=keep):
+                yield kept
+                kept.extend(n for n, p in model.named_parameters() if p.requires_grad)
         else:
-            kept: set[int] = set()
-            if name in ("rules", "extended"):
-                for m in model.modules():
-                    if isinstance(m, nn.MultiheadAttention):
-                        for n in MHA_KEPT:
-                            p = getattr(m, n, None)
-                            if isinstance(p, nn.Parameter):
-                                kept.add(id(p))
-                    if (
-                        name == "rules"
-                        and isinstance(m, nn.Linear)
-                        and isinstance(m._parameters.get("weight"), nn.Parameter)
-                    ):
-                        handles.append(m.register_forward_pre_hook(_linear_rule))
-                    if name == "extended" and isinstance(m, nn.Linear):
-                        handles.append(m.register_forward_pre_hook(_linear_rule_ext, prepend=True))
-                    if name == "extended" and isinstance(m, nn.RNNBase):
-                        handles.append(m.register_forward_pre_hook(_rnn_rule, prepend=True))
-            if name == "extended":
-                for n, p in model.named_parameters():
-                    if "relative_position" in n or "rel_pos" in n:
-                        kept.add(id(p))
-            for p in params:
-                p.requires_grad_(id(p) in kept)
-        yield
+            yield kept
     finally:
-        for h in handles:
-            h.remove()
         for p, rg in zip(params, before):
             p.requires_grad_(rg)
-
-
-def _keep(x: Any) -> bool:
-    return isinstance(x, Tensor) and not foldable(x)
-
-
-def _linear_rule(module: nn.Module, args: tuple[Any, ...]) -> None:
-    module._parameters["weight"].requires_grad_(_keep(args[0] if args else None))
-
-
-def _linear_rule_ext(module: nn.Module, args: tuple[Any, ...]) -> None:
-    keep = _keep(args[0] if args else None)
-    for n, p in module.named_parameters():  # weight, parametrizations.weight.original*, weight_g/_v, weight_orig
-        if n != "bias":
-            p.requires_grad_(keep)
-
-
-def _rnn_rule(module: nn.Module, args: tuple[Any, ...]) -> None:
-    x = args[0] if args else None
-    keep = isinstance(x, Tensor) and x.dim() == 3 and not foldable(x.transpose(0, 1) if module.batch_first else x)
-    for n in ("weight_ih_l0", "weight_ih_l0_reverse"):
-        p = module._parameters.get(n)
-        if p is not None:
-            p.requires_grad_(keep)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,6 +95,8 @@ class Case:
     train: bool = False
     context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
     heavy: bool = False  # a whole model: a third of the timed rounds
+    order: tuple[str, ...] = STATES  # the order of the first (compared) passes; matters only under torch.compile
+    keep: tuple[str, ...] = ()  # passed as sbpatch.frozen(model, keep=...): a user's remedy for an uncovered case
     results: dict[str, Any] = field(default_factory=dict)
 
 
@@ -168,6 +113,20 @@ class Lambda(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fn(self, x)
+
+
+class TokenMix(nn.Module):
+    """A custom layer multiplying a raw parameter with its input (``self.w @ x``), with a keep rule for ``w``."""
+
+    def __init__(self, w: Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w @ x
+
+
+sbpatch.add_keep_rule(TokenMix, "w")
 
 
 def seeded(fn: Callable[[], tuple[nn.Module, Tensor]]) -> Callable[[], tuple[nn.Module, Tensor]]:
@@ -233,6 +192,15 @@ def cases(include_compile: bool) -> list[Case]:
         lambda: (nn.Linear(C, Dout), torch.randn(C, B * N).t()),
     )
     add(
+        "linear_kwarg_input",
+        "matmul-fold",
+        "nn.Linear called as lin(input=x.transpose(1,2)) (keyword input)",
+        lambda: (
+            Lambda(lambda m, x: m.lin(input=x.transpose(1, 2)), modules={"lin": nn.Linear(C, Dout)}),
+            torch.randn(B, C, N),
+        ),
+    )
+    add(
         "functional_linear_raw_param",
         "matmul-fold",
         "custom module: F.linear(x.transpose(1,2), self.w, self.b), w (10,64), x (2,64,16)",
@@ -252,6 +220,12 @@ def cases(include_compile: bool) -> list[Case]:
         "matmul-fold",
         "custom module: self.w @ x, w (10,64), x contiguous (2,64,16)",
         lambda: (Lambda(lambda m, x: m.w @ x, w=torch.randn(10, 64) / 8), torch.randn(2, 64, 16)),
+    )
+    add(
+        "matmul_raw_param_left_keep_rule",
+        "matmul-fold",
+        "same as a class TokenMix, with sbpatch.add_keep_rule(TokenMix, 'w') (the user's remedy)",
+        lambda: (TokenMix(torch.randn(10, 64) / 8), torch.randn(2, 64, 16)),
     )
     add(
         "matmul_broadcast_batch1_param",
@@ -274,6 +248,13 @@ def cases(include_compile: bool) -> list[Case]:
         "matmul-fold",
         "x.transpose(1,2) @ self.key(x.mean(0)), key=nn.Linear(16,1), x (2,16,16): 2-D operand live only via weights",
         lambda: (Lambda(act2d, modules={"key": nn.Linear(16, 1)}), torch.randn(2, 16, 16)),
+    )
+    add(
+        "matmul_activation_2d_keep",
+        "matmul-fold",
+        "same, sbpatch.frozen(model, keep='key') (the user's remedy)",
+        lambda: (Lambda(act2d, modules={"key": nn.Linear(16, 1)}), torch.randn(2, 16, 16)),
+        keep=("key",),
     )
     add(
         "einsum_param",
@@ -389,6 +370,12 @@ def cases(include_compile: bool) -> list[Case]:
         "mha",
         "nn.MultiheadAttention(batch_first=False) on (L,B,E), eval",
         lambda: (MHA().eval(), torch.randn(L, Bm, E)),
+    )
+    add(
+        "mha_seq_first_transposed",
+        "mha",
+        "nn.MultiheadAttention(batch_first=False) on randn(B,L,E).transpose(0,1) (non-foldable), eval",
+        lambda: (MHA().eval(), torch.randn(Bm, L, E).transpose(0, 1)),
     )
     add(
         "mha_kdim_vdim_cross",
@@ -526,6 +513,17 @@ def cases(include_compile: bool) -> list[Case]:
             Lambda(sdpa_fn(True), modules={"qkv": nn.Linear(E, 3 * E)}, bias=torch.randn(1, H, L, L) * 0.1),
             torch.randn(B, L, E),
         ),
+    )
+
+    add(
+        "sdpa_learned_bias_mask_keep",
+        "sdpa",
+        "same, sbpatch.frozen(model, keep='bias') (the user's remedy)",
+        lambda: (
+            Lambda(sdpa_fn(True), modules={"qkv": nn.Linear(E, 3 * E)}, bias=torch.randn(1, H, L, L) * 0.1),
+            torch.randn(B, L, E),
+        ),
+        keep=("bias",),
     )
 
     def beit() -> tuple[nn.Module, Tensor]:
@@ -701,17 +699,28 @@ def cases(include_compile: bool) -> list[Case]:
     if include_compile:
 
         def compiled() -> tuple[nn.Module, Tensor]:
+            torch._dynamo.reset()  # no graph from an earlier case (dynamo does not guard on hooks)
             inner = nn.Sequential(nn.Linear(C, Dout), nn.GELU())
             return Lambda(lambda m, x: m.f(x.transpose(1, 2)), modules={"f": torch.compile(inner)}), torch.randn(
                 B, C, N
             )
 
+        what = f"torch.compile(Sequential(nn.Linear({C},{Dout}), GELU)) on a transposed input (inductor)"
         add(
-            "torch_compile_linear_transposed",
+            "torch_compile_frozen_first",
             "compile",
-            f"torch.compile(Sequential(nn.Linear({C},{Dout}), GELU)) on a transposed input (inductor)",
+            what + "; first frozen call by the one-liner, then sbpatch",
             compiled,
             heavy=True,
+            order=("live", "frozen", "sbpatch"),
+        )
+        add(
+            "torch_compile_sbpatch_first",
+            "compile",
+            what + "; first frozen call by sbpatch",
+            compiled,
+            heavy=True,
+            order=("live", "sbpatch", "frozen"),
         )
     return out
 
@@ -798,35 +807,58 @@ def op_diff(live: Counter[str], frozen: Counter[str]) -> dict[str, dict[str, int
 
 
 def run_case(case: Case, repeats: int) -> None:
+    """Run ``case`` in every state; a state whose pass raises is recorded (``error_<state>``), not timed."""
     model, x0 = case.build()
     model.train(case.train)
     with case.context():
         for kind in case.passes:
             r: list[Tensor | None] = [None]
             res: dict[str, Any] = {}
-            outs = {}
-            traces = {}
-            for s in STATES:
-                with state(model, s):
-                    outs[s] = one_pass(model, x0, kind, r)
-                    traces[s] = forward_ops(model, x0, kind)
+            outs: dict[str, list[Tensor] | None] = {}
+            traces: dict[str, Counter[str]] = {}
+            for s in case.order:
+                kept: list[str] = []
+                try:
+                    with state(model, s, case.keep) as kept:
+                        outs[s] = one_pass(model, x0, kind, r)
+                    with state(model, s, case.keep):
+                        traces[s] = forward_ops(model, x0, kind)
+                except Exception as e:  # a state that breaks the call is a result
+                    outs[s] = None
+                    res[f"error_{s}"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                if s == "sbpatch":
+                    res["sbpatch_kept_live"] = kept
+            live = outs["live"]
+            assert live is not None, res.get("error_live")
             for s in STATES[1:]:
-                res[f"identical_{s}"] = equal(outs["live"], outs[s])
-                if not res[f"identical_{s}"]:
-                    res[f"max_abs_diff_{s}"] = max_abs_diff(outs["live"], outs[s])
-                res[f"forward_ops_live_vs_{s}"] = op_diff(traces["live"], traces[s])
-            res["cpu_ms"] = time_states(model, x0, kind, max(3, repeats // 3) if case.heavy else repeats)
+                got = outs[s]
+                res[f"identical_{s}"] = got is not None and equal(live, got)
+                if got is not None and not res[f"identical_{s}"]:
+                    res[f"max_abs_diff_{s}"] = max_abs_diff(live, got)
+                if s in traces:
+                    res[f"forward_ops_live_vs_{s}"] = op_diff(traces["live"], traces[s])
+            timed = tuple(s for s in STATES if outs[s] is not None)
+            res["cpu_ms"] = time_states(
+                model, x0, kind, max(3, repeats // 3) if case.heavy else repeats, case.keep, timed
+            )
             case.results[kind] = res
 
 
-def time_states(model: nn.Module, x0: Tensor, kind: str, repeats: int) -> dict[str, Any]:
+def time_states(
+    model: nn.Module,
+    x0: Tensor,
+    kind: str,
+    repeats: int,
+    keep: tuple[str, ...] = (),
+    states: tuple[str, ...] = STATES,
+) -> dict[str, Any]:
+    """CPU time of one pass per state (ms): medians and interquartile ranges of interleaved rounds."""
     r: list[Tensor | None] = [None]
-    times: dict[str, list[float]] = {s: [] for s in STATES}
+    times: dict[str, list[float]] = {s: [] for s in states}
     for rep in range(repeats + 1):
-        k = rep % len(STATES)
-        order = STATES[k:] + STATES[:k]
-        for s in order:
-            with state(model, s):
+        k = rep % len(states)
+        for s in states[k:] + states[:k]:
+            with state(model, s, keep):
                 t0 = time.process_time()
                 one_pass(model, x0, kind, r)
                 dt = time.process_time() - t0
@@ -837,7 +869,7 @@ def time_states(model: nn.Module, x0: Tensor, kind: str, repeats: int) -> dict[s
     return {
         "median": {s: round(v, 4) for s, v in med.items()},
         "iqr": {s: round(v, 4) for s, v in spread.items()},
-        "speedup_over_live": {s: round(med["live"] / med[s], 3) for s in STATES[1:]},
+        "speedup_over_live": {s: round(med["live"] / med[s], 3) for s in states if s != "live"},
     }
 
 
@@ -863,8 +895,7 @@ def linear_sweep() -> dict[str, Any]:
                             "N": n,
                             "O": o,
                             "identical_frozen": torch.equal(got["live"], got["frozen"]),
-                            "identical_rules": torch.equal(got["live"], got["rules"]),
-                            "identical_extended": torch.equal(got["live"], got["extended"]),
+                            "identical_sbpatch": torch.equal(got["live"], got["sbpatch"]),
                         }
                     )
     differ = [r for r in rows if not r["identical_frozen"]]
@@ -872,7 +903,7 @@ def linear_sweep() -> dict[str, Any]:
         "grid": grid,
         "shapes": len(rows),
         "differ_frozen": len(differ),
-        "differ_rules": sum(not r["identical_rules"] for r in rows),
+        "differ_sbpatch": sum(not r["identical_sbpatch"] for r in rows),
         "differing_shapes": [(r["B"], r["C"], r["N"], r["O"]) for r in differ],
     }
 
@@ -895,7 +926,22 @@ def machine(threads: int) -> dict[str, Any]:
         "nnpack": torch._nnpack_available(),
         "threads": threads,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "sbpatch": sbpatch.__version__,
+        "sbpatch_file": sbpatch.__file__,
+        "sbpatch_commit": _git("rev-parse", "--short", "HEAD"),
+        "freeze_py_commit": _git("log", "-1", "--format=%h", "--", "sbpatch/freeze.py"),
+        "freeze_py_modified": bool(_git("status", "--porcelain", "--", "sbpatch/freeze.py")),
     }
+
+
+def _git(*args: str) -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -903,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--repeats", type=int, default=15, help="timed rounds per case and pass (default 15)")
     p.add_argument("--only", default=None, help="run only the cases whose id contains this")
-    p.add_argument("--compile", action="store_true", help="add a torch.compile (inductor) case")
+    p.add_argument("--compile", action="store_true", help="add the torch.compile (inductor) cases")
     p.add_argument("--no-sweep", action="store_true", help="skip the nn.Linear shape sweep")
     p.add_argument("--out", default=os.path.join(RESULTS, "kernels.json"))
     args = p.parse_args(argv)
@@ -920,9 +966,15 @@ def main(argv: list[str] | None = None) -> int:
         line = []
         for kind, res in case.results.items():
             t = res["cpu_ms"]
-            eq = " ".join(f"{s[0].upper()}{'=' if res[f'identical_{s}'] else 'X'}" for s in STATES[1:])
-            line.append(f"{kind}: {eq} live/frozen {t['speedup_over_live']['frozen']:.2f}x")
-        print(f"{case.id:38s} " + " | ".join(line), flush=True)
+            eq = " ".join(
+                f"{s[0].upper()}{'!' if f'error_{s}' in res else '=' if res[f'identical_{s}'] else 'X'}"
+                for s in STATES[1:]
+            )
+            sp = t["speedup_over_live"]
+            speed = " ".join(f"live/{s} {sp[s]:.2f}x" if s in sp else f"{s} raised" for s in STATES[1:])
+            line.append(f"{kind}: {eq} {speed}")
+        kept = next(iter(case.results.values())).get("sbpatch_kept_live", [])
+        print(f"{case.id:38s} " + " | ".join(line) + (f"  kept: {', '.join(kept)}" if kept else ""), flush=True)
         results.append({"id": case.id, "entry": case.entry, "what": case.what, "train": case.train, **case.results})
     data["cases"] = results
     if not args.no_sweep and not args.only:
@@ -930,7 +982,7 @@ def main(argv: list[str] | None = None) -> int:
         sw = data["linear_sweep"]
         print(
             f"linear sweep: {sw['differ_frozen']} of {sw['shapes']} shapes differ frozen vs live, "
-            f"{sw['differ_rules']} with the rules"
+            f"{sw['differ_sbpatch']} with sbpatch"
         )
     data["seconds"] = round(time.time() - started, 1)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
