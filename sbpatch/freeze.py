@@ -175,6 +175,20 @@ def kept_live() -> dict[str, str]:
         return dict(_kept_log)
 
 
+def kept_in(module: Any) -> dict[str, str]:
+    """The parameters of ``module`` that sbpatch keeps live when it freezes it now (``"path.weight"`` -> why):
+    static rules, and run-time rules learned so far."""
+    group = _module_group(module)
+    kept = {id(p) for p in map(_deref, group.kept) if p is not None}
+    root = type(module).__name__
+    with _lock:
+        return {
+            name: _kept_log.get(f"{root}.{name}", "kept live")
+            for name, p in module.named_parameters()
+            if id(p) in kept
+        }
+
+
 def _type_name(t: Any) -> str:
     if isinstance(t, str):
         if "." not in t or not all(part.isidentifier() for part in t.split(".")):

@@ -21,7 +21,7 @@ from typing import Any
 from sbpatch import registry
 from sbpatch._table import format_table
 from sbpatch.errors import ConfigError
-from sbpatch.freeze import held_count
+from sbpatch.freeze import held_count, kept_in
 from sbpatch.patching import paused
 
 
@@ -259,6 +259,9 @@ def verify(
                 bar.done(result)
         finally:
             bar.close()
+        module = model.model if _is_text_victim(model) else model
+        if hasattr(module, "named_parameters"):
+            report.kept_live = kept_in(module)
     finally:
         for name in enabled_here:
             registry.disable(name)

@@ -123,3 +123,17 @@ def test_progress_is_a_line_per_attack_when_not_a_terminal(capsys):
     assert len(lines) == 2, lines
     assert lines[0].startswith("[1/2 ") and "torchattacks FGSM: identical (" in lines[0]
     assert lines[1].startswith("[2/2 ") and "torchattacks PGD: identical (" in lines[1]
+
+
+def test_verify_says_which_parameters_were_kept_live_and_why():
+    from test_freeze import FrameClassifier
+
+    torch.manual_seed(0)
+    model = FrameClassifier().eval()
+    x, y = data()
+    report = sbpatch.verify(model, x, y, libraries=["torchattacks"], attacks=["PGD"], progress=False)
+    assert report.ok
+    assert list(report.kept_live) == ["head.weight"]
+    assert "non-foldable" in report.kept_live["head.weight"]
+    assert "kept live" in str(report) and "head.weight" in str(report)
+    assert sbpatch.verify(tiny_cnn(), x, y, libraries=["torchattacks"], attacks=["PGD"], progress=False).kept_live == {}
