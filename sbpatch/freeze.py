@@ -29,6 +29,7 @@ import functools
 import inspect
 import keyword
 import logging
+import sys
 import threading
 import warnings
 import weakref
@@ -290,7 +291,7 @@ class _Probe:
                 for path in self.paths:
                     p = _attribute(module, path)
                     if p is not None and p.is_leaf and not p.requires_grad:
-                        _promote(p, f"{self.name}.{path}", reason)
+                        _for_dynamo(_promote)(p, f"{self.name}.{path}", reason)
                 return None
         return None
 
@@ -303,6 +304,20 @@ class _Probe:
 
     def __reduce__(self) -> Any:
         return (_inert_probe, ())
+
+
+_dynamo_safe: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _for_dynamo(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, or once dynamo is loaded (a compiled model exists) a version dynamo runs eagerly instead of tracing:
+    sbpatch's bookkeeping (a lock, flag writes) inside a compiled region would otherwise fail to compile."""
+    if "torch._dynamo" not in sys.modules:
+        return fn
+    safe = _dynamo_safe.get(fn)
+    if safe is None:
+        safe = _dynamo_safe[fn] = _torch.compiler.disable(fn, recursive=True)
+    return safe
 
 
 def _attribute(obj: Any, path: str) -> Any:
@@ -611,12 +626,14 @@ def _watch(on: bool) -> None:
     if on:
         if "requires_grad" in tensor.__dict__ or "requires_grad_" in tensor.__dict__:
             return  # someone else shadows them: leave theirs alone
+        if "torch._dynamo" in sys.modules and _rg_property.fset is _set_requires_grad:
+            _rg_property = property(_rg_descriptor.__get__, _for_dynamo(_set_requires_grad), doc=_rg_descriptor.__doc__)
         tensor.requires_grad = _rg_property
-        tensor.requires_grad_ = _requires_grad_
+        tensor.requires_grad_ = _for_dynamo(_requires_grad_)
     else:
         if tensor.__dict__.get("requires_grad") is _rg_property:
             del tensor.requires_grad
-        if tensor.__dict__.get("requires_grad_") is _requires_grad_:
+        if tensor.__dict__.get("requires_grad_") in (_requires_grad_, _dynamo_safe.get(_requires_grad_)):
             del tensor.requires_grad_
     _watching = on
 

@@ -28,6 +28,33 @@ def test_torch_compile_identical_with_bounded_recompiles():
     assert frames <= 4, f"{frames} graphs compiled: sbpatch's freezing should cost at most one recompile per mode"
 
 
+@pytest.mark.parametrize("layer", ["linear", "mha", "gru"])
+def test_torch_compile_with_a_run_time_rule_firing_inside_the_compiled_region(layer: str):
+    """A probe that keeps a weight live inside a compiled forward runs eagerly (dynamo does not trace sbpatch's
+    bookkeeping): the call succeeds, is identical to live, and the weight is learned."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    torch.manual_seed(0)
+    if layer == "linear":
+        module, x = torch.nn.Linear(256, 10), torch.randn(4, 256, 49).transpose(1, 2)
+        fn = module
+    elif layer == "mha":
+        module, x = torch.nn.MultiheadAttention(64, 2), torch.randn(3, 7, 64).transpose(0, 1)
+        fn = lambda q: module(q, q, q)[0]  # noqa: E731
+    else:
+        module, x = torch.nn.GRU(16, 32, batch_first=True), torch.randn(2, 20, 16)
+        fn = lambda q: module(q)[0]  # noqa: E731
+    compiled = torch.compile(fn, backend="aot_eager")
+    expected = compiled(x).detach()
+    for _ in range(2):
+        with sbpatch.frozen(module):
+            got = compiled(x).detach()
+        assert torch.equal(expected, got)
+        assert all(p.requires_grad for p in module.parameters())
+    assert sbpatch.freeze.kept_in(module)
+
+
 AUTOCAST_CASES = [  # one attack that calls backward(), one that uses autograd.grad, one query-only, in two libraries
     ("torchattacks", "CW"),
     ("torchattacks", "PGD"),
