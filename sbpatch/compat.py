@@ -7,26 +7,29 @@ apply them: it registers them with :func:`before_import`, a ``sys.meta_path`` fi
 library's top-level module executes (or at once if the library is already imported), so ``SBPATCH=all`` costs
 nothing until an attack library is imported. ``status()`` lists the shims applied. If the library was imported
 (and failed) before sbpatch was enabled, Python has not cached the failed module: importing it again works.
+
+``SBPATCH=...`` watches the libraries' imports with the same hook (``sbpatch._startup``), so this module is imported
+at interpreter start: it imports nothing but ``os``, ``sys``, ``_thread`` and ``sbpatch.errors`` (no importlib,
+logging, threading or typing) until a watched library is imported.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import logging
+import _thread
 import os
 import sys
-import threading
-import warnings
-from collections.abc import Callable
-from typing import Any
 
 from sbpatch.errors import SbpatchWarning
 
-log = logging.getLogger("sbpatch")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 
 def _add_missing(module_name: str, name: str, value: Callable[[], Any]) -> bool:
+    import importlib
+
     module = importlib.import_module(module_name)  # the attribute torch.autograd.gradcheck is a function: use import
     if hasattr(module, name):
         return False
@@ -59,6 +62,8 @@ def scipy_status_message() -> bool:
     """``scipy.optimize.optimize._status_message`` (moved to ``scipy.optimize._optimize``; deeprobust imports it)."""
 
     def value() -> Any:
+        import importlib
+
         return importlib.import_module("scipy.optimize._optimize")._status_message
 
     return _add_missing("scipy.optimize.optimize", "_status_message", value)
@@ -86,7 +91,7 @@ def apply(name: str) -> bool:
 
 # --- the import hook ------------------------------------------------------------------------------------------------
 
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()
 _pending: dict[str, Callable[[], None]] = {}  # top-level module name -> callback, run once before it executes
 _errors: dict[str, str] = {}  # module -> the error a callback raised (registry callbacks record their own)
 
@@ -129,6 +134,8 @@ class _Finder:
         if fullname not in _pending or fullname in self._in_progress:
             return None
         try:
+            import importlib.util  # here, not at start-up: only a watched import pays for it
+
             self._in_progress.add(fullname)
             try:
                 spec = importlib.util.find_spec(fullname)  # the finders after this one
@@ -155,8 +162,11 @@ _finder = _Finder()
 
 
 def _record(name: str, exc: BaseException) -> None:
+    import logging
+    import warnings
+
     _errors[name] = f"{type(exc).__name__}: {exc}"
-    log.debug("sbpatch: import hook for %s failed", name, exc_info=exc)
+    logging.getLogger("sbpatch").debug("sbpatch: import hook for %s failed", name, exc_info=exc)
     try:
         warnings.warn(f"sbpatch: internal error preparing the import of {name}: {exc!r}", SbpatchWarning, 2)
     except Exception:  # warnings turned into errors (-W error): still never raise into the import
@@ -198,10 +208,11 @@ def before_import(module: str, callback: Callable[[], None]) -> None:
             sys.meta_path.insert(0, _finder)
 
 
-def cancel(module: str) -> None:
-    """Forget the callback registered for ``module`` (it will not run)."""
+def cancel(module: str, callback: Callable[[], None] | None = None) -> None:
+    """Forget the callback registered for ``module`` (it will not run); with ``callback``, only if it is that one."""
     with _lock:
-        _pending.pop(module, None)
+        if callback is None or _pending.get(module) is callback:
+            _pending.pop(module, None)
 
 
 def pending() -> list[str]:

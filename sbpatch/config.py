@@ -3,13 +3,18 @@
 Names are case-insensitive and may be comma-separated; ``"all"`` means every supported library. The variable also
 takes on/off switches (``1``, ``true`` ... and ``0``, ``false``, ``none`` ...). ``OFF_VALUES`` is repeated in
 ``sbpatch.pth`` (which must import nothing); tests/test_startup.py keeps the two equal.
+
+Imported at interpreter start when ``SBPATCH`` is set (``sbpatch._startup``): pure strings, no import but
+``sbpatch.errors``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 from sbpatch.errors import ConfigError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
 
 ENV_VAR = "SBPATCH"
 ALL = "all"

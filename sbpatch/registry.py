@@ -322,3 +322,9 @@ def integration(name: str) -> Integration:
 def counters(name: str) -> Counters:
     """The live counters of one library (tests and the benchmark read them)."""
     return _state(name).counters
+
+
+# SBPATCH=...: sbpatch._startup waits for a library's import to enable what the variable names; the registry's first
+# use (status(), enable(), disable()...) comes first when it happens earlier, as if enabled at start-up.
+if "sbpatch._startup" in sys.modules:
+    sys.modules["sbpatch._startup"].enable_requested()

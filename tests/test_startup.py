@@ -1,5 +1,6 @@
-"""Start-up costs nothing: SBPATCH=all imports no torch/numpy/scipy, off values import no sbpatch, and the shims
-wait for an import hook on the library that needs them (fresh interpreters; the installed sbpatch.pth)."""
+"""Start-up costs nothing: SBPATCH=all imports only sbpatch's tiny start-up modules (no wrapt, packaging, torch, numpy,
+scipy) and enables when a library is first imported; off values import no sbpatch; the shims wait for an import hook
+on the library that needs them (fresh interpreters; the installed sbpatch.pth)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import run_python
 
-from sbpatch import config, registry
+from sbpatch import _startup, config, registry
 
 ROOT = Path(__file__).parent.parent
 HEAVY = (
@@ -44,7 +45,112 @@ def test_pth_off_values_are_config_off_values_and_installed_copy_is_current():
     assert installed.read_text() == repo, "reinstall: python -m pip install --no-deps --force-reinstall ."
 
 
+# What SBPATCH=all may import at start-up beyond a bare interpreter (the .pth's import, and nothing else).
+STARTUP_MODULES = ["__future__", "sbpatch", "sbpatch._startup", "sbpatch.compat", "sbpatch.config", "sbpatch.errors"]
+MODULES = "import sys; print(sorted(sys.modules))"
+
+
+def test_startup_names_match_the_registry():
+    """_startup.LIBRARIES repeats each contrib module's import name (importing the registry is what it avoids)."""
+    assert list(_startup.LIBRARIES) == list(registry.INTEGRATIONS)
+    for name, module in _startup.LIBRARIES.items():
+        integration = registry.integration(name)
+        assert integration.module == module, name
+        # the enabling runs while the top-level module executes: no target may live in that module itself
+        assert all(t.module.startswith(module + ".") for t in integration.targets), name
+
+
+def test_sbpatch_all_start_up_imports_only_the_tiny_modules():
+    code = (
+        MODULES
+        + """
+import sys
+heavy = ("wrapt", "packaging", "asyncio", "logging", "typing", "threading", "importlib.util", "importlib.metadata")
+print([m for m in heavy if m in sys.modules])
+print(sorted(sys.modules["sbpatch.compat"].pending()))
+"""
+    )
+    unset = run_python(code)
+    out = run_python(code, env={"SBPATCH": "all"})
+    lines = out.stdout.splitlines()
+    new = sorted(set(ast.literal_eval(lines[0])) - set(ast.literal_eval(unset.stdout.splitlines()[0])))
+    assert new == STARTUP_MODULES, out.stderr
+    assert lines[1] == "[]", out.stderr  # neither wrapt (asyncio) nor packaging: nor any heavier stdlib module
+    assert lines[2] == str(sorted(_startup.LIBRARIES.values())), out.stderr  # every library watched
+    assert out.stderr == ""
+
+
+def test_sbpatch_all_enables_when_a_library_is_first_imported_not_when_probed():
+    out = run_python(
+        """
+        import importlib.util, sys
+        assert importlib.util.find_spec("torchattacks") is not None  # a probe is not an import
+        print("sbpatch.registry" in sys.modules, "torchattacks" in sys.modules)
+        import torchattacks  # the first watched import: sbpatch is enabled before torchattacks executes
+        from torchattacks.attack import Attack
+        from sbpatch import compat, registry
+        from sbpatch.patching import SbpatchWrapper
+        print(isinstance(Attack.__dict__["__call__"], SbpatchWrapper))
+        print(all(registry.counters(n).enabled for n in registry.INTEGRATIONS))
+        print(sorted(compat.pending()))  # the start-up watches are gone: only the shims wait for their libraries
+        import advertorch.attacks  # fails to import without its shim
+        from advertorch.attacks import PGDAttack
+        print(registry.status()["advertorch"].shims, isinstance(PGDAttack.__dict__["perturb"], SbpatchWrapper))
+        """,
+        env={"SBPATCH": "all"},
+    )
+    assert out.stdout.splitlines() == [
+        "False False",
+        "True",
+        "True",
+        "['advertorch', 'deeprobust', 'foolbox']",
+        "['torch_zero_gradients'] True",
+    ], out.stderr
+    assert out.stderr == ""
+
+
+def test_sbpatch_named_library_watches_only_that_one():
+    out = run_python(
+        """
+        import sys
+        import cleverhans  # not named: sbpatch stays asleep
+        print("sbpatch.registry" in sys.modules)
+        import torchattacks
+        from sbpatch import registry
+        print(sorted(n for n in registry.INTEGRATIONS if registry.counters(n).enabled))
+        """,
+        env={"SBPATCH": "TorchAttacks"},
+    )
+    assert out.stdout.splitlines() == ["False", "['torchattacks']"], out.stderr
+    assert out.stderr == ""
+
+
+def test_lazy_package_exports_every_public_name():
+    out = run_python(
+        """
+        import sys
+        import sbpatch
+        print(sorted(m for m in sys.modules if m.startswith("sbpatch")))
+        from sbpatch import ConfigError, frozen, paused
+        from sbpatch.verify import identical  # binds the submodule on the package: sbpatch.verify stays the function
+        print(callable(sbpatch.verify), sbpatch.verify.__module__, set(sbpatch.__all__) <= set(dir(sbpatch)))
+        print(all(getattr(sbpatch, n) is not None for n in sbpatch.__all__), sbpatch.errors.ConfigError is ConfigError)
+        try:
+            sbpatch.nosuch
+        except AttributeError as exc:
+            print(exc)
+        """
+    )
+    assert out.stdout.splitlines() == [
+        "['sbpatch']",
+        "True sbpatch.verify True",
+        "True True",
+        "module 'sbpatch' has no attribute 'nosuch'",
+    ], out.stderr
+
+
 def test_sbpatch_all_imports_nothing_heavy_and_waits_for_the_libraries():
+    """The registry's first use enables what SBPATCH names, as if at start-up; the libraries are not imported."""
     out = run_python(
         LOADED
         + """
@@ -56,7 +162,7 @@ print(sorted(compat.pending()))
     )
     lines = out.stdout.splitlines()
     assert lines[0] == "['sbpatch']", out.stderr  # imported by the start-up hook, and nothing heavy
-    assert lines[1] == str(sorted(registry.INTEGRATIONS))  # every library enabled, none imported
+    assert lines[1] == str(sorted(registry.INTEGRATIONS))  # every library enabled by the registry's import
     assert lines[2] == "['advertorch', 'deeprobust', 'foolbox']", out.stderr
     assert out.stderr == ""
 
