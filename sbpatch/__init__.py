@@ -35,6 +35,8 @@ _EXPORTS: dict[str, str] = {
     "verify": "sbpatch.verify",
     "errors": "sbpatch.errors",
 }
+# submodules an eager ``import sbpatch`` used to bind (``sbpatch.freeze.kept_live()`` after ``import sbpatch``)
+_SUBMODULES = ("compat", "config", "errors", "freeze", "patching", "registry")
 
 __all__ = [
     "ConfigError",
@@ -67,13 +69,12 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
 
 def __getattr__(name: str) -> object:
     """Import a public name on first access, then keep it as a plain module attribute."""
-    module_name = _EXPORTS.get(name)
+    module_name = f"{__name__}.{name}" if name in _SUBMODULES else _EXPORTS.get(name)
     if module_name is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    module = importlib.import_module(module_name)
-    value = module if name == "errors" else getattr(module, name)
+    __import__(module_name)  # not importlib: at start-up ``from sbpatch import compat`` comes here
+    module = sys.modules[module_name]
+    value = module if name in _SUBMODULES else getattr(module, name)
     globals()[name] = value
     return value
 

@@ -135,6 +135,7 @@ def test_lazy_package_exports_every_public_name():
         from sbpatch.verify import identical  # binds the submodule on the package: sbpatch.verify stays the function
         print(callable(sbpatch.verify), sbpatch.verify.__module__, set(sbpatch.__all__) <= set(dir(sbpatch)))
         print(all(getattr(sbpatch, n) is not None for n in sbpatch.__all__), sbpatch.errors.ConfigError is ConfigError)
+        print(sbpatch.freeze.kept_live() == {}, sbpatch.registry.status is sbpatch.status)  # as an eager import bound
         try:
             sbpatch.nosuch
         except AttributeError as exc:
@@ -144,6 +145,7 @@ def test_lazy_package_exports_every_public_name():
     assert out.stdout.splitlines() == [
         "['sbpatch']",
         "True sbpatch.verify True",
+        "True True",
         "True True",
         "module 'sbpatch' has no attribute 'nosuch'",
     ], out.stderr
