@@ -52,7 +52,6 @@ _active: set[Group] = set()  # groups with at least one holder
 # id(param) -> the last value the user (or the library) wrote to requires_grad of a parameter sbpatch held frozen:
 # a parameter set to False inside the call stays False afterwards.
 _writes: dict[int, bool] = {}
-_watching = False
 # The only active group, while it is alone: its parameters are not written to the ledger.
 _exclusive: Group | None = None
 
@@ -594,48 +593,63 @@ _rg_method: Any = None
 _rg_property: Any = None
 
 
-def _note_write(p: Any, value: Any) -> None:
+def _note_write(p: Any, value: Any, before: bool) -> None:
+    """Note what a write to a parameter sbpatch froze means: ``False`` written over sbpatch's ``False`` is a request
+    to freeze it (it stays False afterwards); ``True`` written, or ``False`` written back over a ``True`` (a library
+    saving and restoring the flag it found, as TextAttack's get_grad does), asks for nothing: restored as usual."""
     if _lock.locked():
         return
     with _lock:
-        if _frozen_by_sbpatch(p):
-            _writes[id(p)] = bool(value)
+        if not _frozen_by_sbpatch(p):
+            return
+        if not value and not before:
+            _writes[id(p)] = False
+        else:
+            _writes.pop(id(p), None)
 
 
 def _set_requires_grad(self: Any, value: Any) -> None:
+    before = _rg_descriptor.__get__(self)
     _rg_descriptor.__set__(self, value)
-    _note_write(self, value)
+    _note_write(self, value, before)
 
 
 def _requires_grad_(self: Any, requires_grad: bool = True) -> Any:
+    before = _rg_descriptor.__get__(self)
     out = _rg_method(self, requires_grad)
-    _note_write(self, requires_grad)
+    _note_write(self, requires_grad, before)
     return out
 
 
+_ours: list[Any] = []  # every property/method object sbpatch ever installed (plain and dynamo-safe variants)
+
+
 def _watch(on: bool) -> None:
-    global _watching, _rg_descriptor, _rg_method, _rg_property
-    if on == _watching:
-        return
-    tensor = _torch.nn.Parameter
+    """Install (or remove) the write watch. Idempotent and judged from the class itself, so an interruption half-way
+    through leaves nothing that the next call does not finish; never replaces someone else's attribute."""
+    global _rg_descriptor, _rg_method, _rg_property
+    param = _torch.nn.Parameter
     if _rg_property is None:
         _rg_descriptor = _torch._C.TensorBase.__dict__["requires_grad"]
         _rg_method = _torch._C.TensorBase.requires_grad_
-        _rg_property = property(_rg_descriptor.__get__, _set_requires_grad, doc=_rg_descriptor.__doc__)
         functools.update_wrapper(_requires_grad_, _rg_method, assigned=("__doc__",))
+        _rg_property = property(_rg_descriptor.__get__, _set_requires_grad, doc=_rg_descriptor.__doc__)
+        _ours.extend((_rg_property, _requires_grad_))
+    attrs = param.__dict__
+    prop, meth = attrs.get("requires_grad"), attrs.get("requires_grad_")
     if on:
-        if "requires_grad" in tensor.__dict__ or "requires_grad_" in tensor.__dict__:
-            return  # someone else shadows them: leave theirs alone
         if "torch._dynamo" in sys.modules and _rg_property.fset is _set_requires_grad:
             _rg_property = property(_rg_descriptor.__get__, _for_dynamo(_set_requires_grad), doc=_rg_descriptor.__doc__)
-        tensor.requires_grad = _rg_property
-        tensor.requires_grad_ = _for_dynamo(_requires_grad_)
+            _ours.extend((_rg_property, _for_dynamo(_requires_grad_)))
+        if prop is None:
+            param.requires_grad = _rg_property
+        if meth is None:
+            param.requires_grad_ = _for_dynamo(_requires_grad_)
     else:
-        if tensor.__dict__.get("requires_grad") is _rg_property:
-            del tensor.requires_grad
-        if tensor.__dict__.get("requires_grad_") in (_requires_grad_, _dynamo_safe.get(_requires_grad_)):
-            del tensor.requires_grad_
-    _watching = on
+        if prop is not None and any(prop is o for o in _ours):
+            del param.requires_grad
+        if meth is not None and any(meth is o for o in _ours):
+            del param.requires_grad_
 
 
 def _wanted_false(p: Any) -> bool:
