@@ -15,8 +15,10 @@ forward row uses ViT-B/16's layout (12 layers, 152 tensors) at width 64, whose ~
 of 100 us show; ViT-B/16's own 60 ms forward at 32 px would hide it in the noise.
 
 And the start-up cost of the ``SBPATCH`` hook (issue 9): wall time and peak RSS of a fresh ``python -c pass`` with
-``SBPATCH`` unset, ``SBPATCH=0`` and ``SBPATCH=all``, interleaved, medians; for reference, the same interpreter
-applying the compatibility shims eagerly (what ``enable()`` did before they moved into an import hook).
+``SBPATCH`` unset, ``SBPATCH=0`` and ``SBPATCH=all``, interleaved, medians (``SBPATCH=all`` now imports only
+sbpatch's start-up modules and waits for an attack library's import); for reference, what ``SBPATCH=all`` cost when
+start-up imported sbpatch and enabled it (wrapt, packaging), and the same interpreter applying the compatibility shims
+eagerly (what ``enable()`` did before they moved into an import hook).
 
 Target (issue 5): under 50 microseconds per call. Run: ``python benchmarks/overhead.py`` (``--startup-only``: just
 the start-up rows, merged into an existing results file).
@@ -64,6 +66,7 @@ STARTUP_CASES: dict[str, tuple[str | None, str]] = {
     "unset": (None, "pass"),
     "SBPATCH=0": ("0", "pass"),
     "SBPATCH=all": ("all", "pass"),
+    "sbpatch imported and enabled (before)": (None, "import sbpatch; sbpatch.enable()"),
     "shims applied eagerly (before)": (None, EAGER_SHIMS),
 }
 
@@ -93,7 +96,8 @@ def run_child(value: str | None, code: str) -> tuple[float, float, int]:
 
 def startup(rounds: int) -> dict[str, object]:
     """Each case once per round, interleaved, after one warm-up round; medians."""
-    check = "import sys; print(sorted(m for m in ('sbpatch', 'torch', 'numpy', 'scipy') if m in sys.modules))"
+    watched = ("sbpatch", "wrapt", "packaging", "torch", "numpy", "scipy")
+    check = f"import sys; print(sorted(m for m in {watched!r} if m in sys.modules))"
     env = dict(os.environ)
     imported = {}
     for name, (value, _) in list(STARTUP_CASES.items())[:3]:
@@ -125,7 +129,7 @@ def print_startup(result: dict[str, object]) -> None:
     for name, c in result["cases"].items():  # type: ignore[union-attr]
         loaded = "" if c["modules_at_start"] is None else f"  imports {c['modules_at_start']}"
         print(
-            f"  {name:32s} wall {c['wall_ms']:7.1f} ms  cpu {c['cpu_ms']:7.1f} ms  {c['peak_rss_mib']:6.1f} MiB{loaded}"
+            f"  {name:38s} wall {c['wall_ms']:7.1f} ms  cpu {c['cpu_ms']:7.1f} ms  {c['peak_rss_mib']:6.1f} MiB{loaded}"
         )
 
 
