@@ -138,14 +138,19 @@ def main() -> int:
     p.add_argument("--model", default="resnet50")
     p.add_argument("--calls", type=int, default=2000, help="calls per batch")
     p.add_argument("--rounds", type=int, default=15, help="batches per measurement")
-    p.add_argument("--startup-rounds", type=int, default=15, help="interpreter starts per start-up case")
+    p.add_argument("--startup-rounds", type=int, default=15,
+                   help="interpreter starts per start-up case (0: keep the start-up rows already in --out's file)")
     p.add_argument("--startup-only", action="store_true", help="only the start-up rows, merged into --out's file")
     p.add_argument("--transformer", default="vit_b_16", help="second model for the per-call rows ('' to skip)")
     args = p.parse_args()
     meta = _common.setup(args)
-    startup_result = startup(args.startup_rounds)
-    startup_result["date"] = meta["date"]
-    print_startup(startup_result)
+    if args.startup_rounds:
+        startup_result = startup(args.startup_rounds)
+        startup_result["date"] = meta["date"]
+        print_startup(startup_result)
+    else:
+        with open(os.path.join(args.out, "overhead.json")) as f:
+            startup_result = json.load(f).get("startup")
     if args.startup_only:
         path = os.path.join(args.out, "overhead.json")
         data = {"meta": meta}

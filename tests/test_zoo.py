@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -38,6 +38,16 @@ CASES = [
 ]
 # (attack, model) pairs whose unpatched call fails on this stack: none today. A new failure shows up here.
 KNOWN_BROKEN: dict[Any, str] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models: a second OpenMP thread only adds synchronisation (on a loaded 2-core machine this file took 530 s
+    with torch's default 2 threads, 64 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @functools.cache
