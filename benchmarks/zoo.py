@@ -10,7 +10,7 @@ at the timed batch and at the zoo tests' batch of 2. Targets: sbpatch >= as ship
 the row's measured spread (half the relative range of the two columns' rounds, added).
 
 Run: ``python benchmarks/zoo.py [--models a,b] [--attacks "torchattacks PGD,..."] [--steps N] [--batch-size N]``;
-writes ``results/zoo.json`` and ``results/zoo.md``.
+writes ``results/zoo.json`` and ``results/zoo.md`` (``--from-json results/zoo.json`` rewrites the table only).
 """
 
 from __future__ import annotations
@@ -118,6 +118,17 @@ def _kept_live() -> dict[str, str]:
     return kept() if kept else {}
 
 
+def paired(r: dict[str, Any], metric: str, other: str) -> tuple[float, float, float]:
+    """Per round, ``other``'s time over sbpatch's (the two ran next to each other): first quartile, median, third."""
+    import statistics
+
+    ratios = [a / b for a, b in zip(r["columns"][other][f"{metric}_s"], r["columns"]["sbpatch"][f"{metric}_s"])]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4)
+    return q1, q2, q3
+
+
 def _yes(value: Any) -> str:
     return {True: "yes", False: "**NO**", None: "-"}[value]
 
@@ -135,11 +146,13 @@ def markdown(data: dict[str, Any]) -> str:
         f"{meta['torch']}, {meta['device']} ({meta['device_name']}), {meta['threads']} thread(s), "
         f"{data['elapsed_s']:.0f} s in all; sbpatch {meta.get('sbpatch_source', '?')}. Ratios are as shipped / "
         f"column ({cfg['metric']} time; wall in brackets); > 1 is faster. *identical*: bitwise equal to as shipped "
-        "with the same seeds, at the timed batch and at batch 2. *spread*: half the relative "
-        "range of the rounds of as shipped, one-liner and sbpatch. *met*: sbpatch >= as shipped and >= the "
+        "with the same seeds, at the timed batch and at batch 2. *per round*: sbpatch's speed over the one-liner's "
+        "in each round (paired: both in the same round), median [quartiles]. *spread*: half the relative range of "
+        "the rounds of as shipped, one-liner and sbpatch (the largest). *met*: sbpatch >= as shipped and >= the "
         "one-liner, each within the sum of the two columns' spreads.",
         "",
-        "| model | B | attack | sbpatch identical | one-liner identical | one-liner | sbpatch | limit | spread | met |",
+        "| model | B | attack | identical: sbpatch / one-liner | one-liner | sbpatch | limit | sbpatch / one-liner "
+        "per round | spread | met |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     metric = cfg["metric"]
@@ -157,9 +170,11 @@ def markdown(data: dict[str, Any]) -> str:
 
         spread = max(r["spread"].values())
         met = all(r["targets"].values())
+        q1, q2, q3 = paired(r, metric, "oneliner")
         lines.append(
-            f"| {label} | {r['batch']} | {attack} | {_yes(r['identical'])} | {_yes(r['oneliner_identical'])} | "
-            f"{cell('oneliner')} | {cell('sbpatch')} | {cell('limit')} | +-{spread:.0%} | {_yes(met)} |"
+            f"| {label} | {r['batch']} | {attack} | {_yes(r['identical'])} / {_yes(r['oneliner_identical'])} | "
+            f"{cell('oneliner')} | {cell('sbpatch')} | {cell('limit')} | {q2:.2f} [{q1:.2f}-{q3:.2f}] | "
+            f"+-{spread:.0%} | {_yes(met)} |"
         )
     lines += ["", "## Summary", ""] + [f"- {s}" for s in data["summary"]]
     traps = {r["model"]: r["trap"] for r in data["rows"] if r["trap"]}
@@ -174,6 +189,9 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def summarise(rows: list[dict[str, Any]], metric: str) -> list[str]:
+    """The summary lines: identity, the two targets (misses listed), and the paired per-round ratios overall."""
+    import statistics
+
     measured = [r for r in rows if "columns" in r]
     out = [f"{len(measured)} of {len(rows)} rows measured"]
     for r in rows:
@@ -194,7 +212,31 @@ def summarise(rows: list[dict[str, Any]], metric: str) -> list[str]:
             spread = r["spread"]["sbpatch"] + r["spread"]["shipped" if key == "sbpatch_vs_shipped" else "oneliner"]
             out.append(f"sbpatch >= {what} MISSED on {r['model']} {r['attack']}: {ratio(r):.2f} "
                        f"(spread +-{spread:.0%})")
+    for other, what in (("shipped", "as shipped"), ("oneliner", "the one-liner")):
+        per_row = [paired(r, metric, other) for r in measured]
+        if not per_row:
+            continue
+        below = [f"{r['model']} {r['attack']}" for r, q in zip(measured, per_row) if q[2] < 1]
+        middle = statistics.median(q[1] for q in per_row)
+        out.append(f"sbpatch's speed over {what}, per round: median over rows {middle:.3f}; "
+                   f"rows whose upper quartile is below 1: {len(below)} ({', '.join(below) or '-'})")
     return out
+
+
+def rewrite(path: str) -> int:
+    """Recompute the summary of a zoo.json and write it back with zoo.md beside it (no measuring)."""
+    import json
+
+    with open(path) as f:
+        data = json.load(f)
+    data["summary"] = summarise(data["rows"], data["config"]["metric"])
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(os.path.dirname(path), "zoo.md"), "w") as f:
+        f.write(markdown(data))
+    print("\n".join(data["summary"]))
+    return 0
 
 
 def source(path: str) -> str:
@@ -221,7 +263,10 @@ def main() -> int:
                    help="default batch: the power of two in [4, 256] giving calls of about this many CPU seconds")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--memory", action="store_true", help="also the peak memory per column")
+    p.add_argument("--from-json", metavar="FILE", help="only rewrite the summary and zoo.md from a zoo.json")
     args = p.parse_args()
+    if args.from_json:
+        return rewrite(args.from_json)
     meta = _common.setup(args)
 
     import sbpatch
