@@ -126,17 +126,20 @@ def test_paused_is_per_thread():
     assert seen == {"other thread": True, "paused thread": False}
 
 
-def test_cli_run_with_a_library_that_cannot_be_enabled_exits_2(capsys: pytest.CaptureFixture[str]):
+def test_cli_run_with_a_library_that_cannot_be_enabled_exits_2(capsys: pytest.CaptureFixture[str], tmp_path):
     import dataclasses
 
     from sbpatch import cli
+
+    script = tmp_path / "script.py"
+    script.write_text("print('ran')\n")
 
     state = registry._state("cleverhans")
     original = state.integration
     state.integration = dataclasses.replace(original, supported="<1")
     try:
         with pytest.raises(SystemExit) as exit_info:
-            cli.main(["run", "--libraries", "cleverhans", "script.py"])
+            cli.main(["run", "--libraries", "cleverhans", str(script)])
     finally:
         state.integration = original
     assert exit_info.value.code == 2
