@@ -388,6 +388,14 @@ def _module_group(module: Any) -> Group:
     probes: list[tuple[Any, str, tuple[str, ...], bool, str]] = []
     rnn = torch.nn.RNNBase
     learned = _learned
+    # TransformerEncoderLayer takes its fused fast path only when no submodule has a hook: a probe there would change
+    # the kernel it runs. Its Linears see the contiguous output of attention and norm (nothing to probe).
+    no_probe = {
+        id(m)
+        for layer in module.modules()
+        if isinstance(layer, torch.nn.TransformerEncoderLayer) and layer.self_attn.batch_first
+        for m in layer.modules()
+    }
     for mname, sub in module.named_modules():
         user = _kept_names(type(sub))
         static: tuple[str, ...] = ()
@@ -396,8 +404,10 @@ def _module_group(module: Any) -> Group:
             present = tuple(n for n in _MHA_WEIGHTS if getattr(sub, n, None) is not None)
             if sub.batch_first:
                 static = present
-            elif present:
+            elif present and id(sub) not in no_probe:
                 probes.append((sub, prefix[:-1], present, sub.in_proj_bias is not None, "mha"))
+        elif id(sub) in no_probe:
+            pass
         elif isinstance(sub, linear):
             paths = _weight_paths(sub)
             if paths:

@@ -383,3 +383,17 @@ class RelPosAttention(nn.Module):
 def test_relative_position_bias_stays_live():
     torch.manual_seed(0)
     _check_rule(RelPosAttention().eval(), torch.randn(2, 17, 16), {"relative_position_bias_table"})
+
+
+def test_no_probe_inside_a_fast_path_encoder_layer():
+    """TransformerEncoderLayer skips its fused fast path when any submodule has a hook: sbpatch adds none there."""
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2).eval()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        expected = encoder(x)
+    seen = []
+    with sbpatch.frozen(encoder), torch.no_grad():
+        seen = [len(m._forward_pre_hooks) for m in encoder.modules()]
+        got = encoder(x)
+    assert not any(seen) and torch.equal(expected, got)
