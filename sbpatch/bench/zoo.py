@@ -63,6 +63,13 @@ class Conv1dFrames(nn.Module):
         return self.frames(h.transpose(1, 2)).mean(1)
 
 
+def _weight_norm_frames() -> nn.Module:
+    """:class:`Conv1dFrames` whose frame classifier is weight-normalised (its weight computed from two originals)."""
+    model = Conv1dFrames()
+    model.frames = nn.utils.parametrizations.weight_norm(model.frames)
+    return model
+
+
 class Encoder(nn.Module):
     """Patch embedding, ``nn.TransformerEncoder`` (``batch_first`` either way, dropout on), mean pool, head."""
 
@@ -281,8 +288,17 @@ ENTRIES: tuple[Entry, ...] = (
                                       depths=(1, 1), num_heads=(2, 2)), requires="timm"),
     Entry("timm_convnext", "timm", _timm("test_convnext", ls_init_value=0.5), shape=(3, 32, 32), requires="timm"),
     Entry("timm_efficientnet", "timm", _timm("test_efficientnet"), requires="timm"),
+    # BEiT's learned relative-position bias is SDPA's attention mask (flash vs math kernel): the one-liner changes its
+    # logits by ~1e-7 but no zoo attack's output at these sizes, so it is not marked sensitive (test_freeze.py's
+    # RelPosAttention proves the rule).
+    Entry("timm_beit", "timm", _timm("beit_base_patch16_224", img_size=16, patch_size=4, embed_dim=16, depth=1,
+                                      num_heads=2), requires="timm"),
+    Entry("timm_vit_relpos", "timm", _timm("vit_relpos_small_patch16_224", img_size=16, patch_size=4, embed_dim=16,
+                                            depth=1, num_heads=2), requires="timm"),
     # torch.nn sequence models and HF BERT, reading the image as a sequence
     Entry("conv1d_linear", "torch.nn", Conv1dFrames, trap="Linear on h.transpose(1, 2)"),
+    Entry("conv1d_weight_norm", "torch.nn", _weight_norm_frames,
+          trap="weight-normalised Linear on h.transpose(1, 2): its weight's originals decide the fold"),
     Entry("encoder_batch_first", "torch.nn", lambda: Encoder(True), trap=_MHA),
     Entry("encoder_seq_first", "torch.nn", lambda: Encoder(False),
           trap="attention in-projection fed a non-contiguous (N, B, d) input"),
