@@ -113,7 +113,7 @@ class VerifyReport(list):
 # The default set per library: PGD (mapped through sbpatch.bench.workloads.PGD_NAMES), an attack that calls
 # backward() with live parameters (where freezing changes the most), and a query-only attack (frozen forward passes
 # without an input gradient: the fused attention path), each one that runs on the CLI's random model (boundary and
-# HopSkipJump attacks fail to initialise there). About a minute in all with the CLI defaults on 2 cores;
+# HopSkipJump attacks fail to initialise there). About 10 s in all with the CLI defaults on 2 cores (9 s measured);
 # attacks="all" (`sbpatch verify --all`) runs every case.
 REPRESENTATIVE: dict[str, tuple[str, ...]] = {
     "torchattacks": ("PGD", "CW", "Square"),
@@ -126,8 +126,14 @@ REPRESENTATIVE: dict[str, tuple[str, ...]] = {
     "openattack": ("FD", "PWWS", "DeepWordBug"),
     "textattack": ("EmbeddingSwapGradientWIR", "EmbeddingSwapGreedyWIR", "DeepWordBugGao2018"),
 }
-# What `sbpatch verify --all` costs with the CLI defaults (cnn, 32 px, batch 4, 2 steps), measured on 2 cores.
-FULL_SET_DURATION = "about 15 minutes"
+# What `sbpatch verify --all` costs (cnn, batch 4, 2 steps, 2 threads), measured on 2 cores: 15 s at 8 px; at 32 px
+# ART's FeatureAdversariesNumpy took 23 min, VirtualAdversarialMethod 5 min, deeprobust's LBFGS over 50 min (each
+# takes finite-difference gradients over every pixel: 3072 forwards per gradient), the other 188 attacks 6 min.
+FULL_SET_DURATION = (
+    "about 15 s with --image-size 8; over an hour at 32 px, where three attacks that take finite-difference "
+    "gradients over every pixel (deeprobust LBFGS, ART FeatureAdversariesNumpy and VirtualAdversarialMethod) "
+    "dominate and the other 188 take about 6 minutes"
+)
 
 
 def select(library: str, cases: dict[str, Any], attacks: Iterable[str] | str | None) -> list[str]:
@@ -249,7 +255,7 @@ def verify(
             total = sum(len(c) for c in cases.values())
             report.notes.append(
                 f"ran a representative set: {len(jobs)} of {total} attacks; every attack: attacks='all' "
-                f"(sbpatch verify --all, {FULL_SET_DURATION} with its defaults on 2 cores)"
+                f"(sbpatch verify --all, on 2 cores: {FULL_SET_DURATION})"
             )
         bar = _progress(len(jobs), progress)
         try:
@@ -349,7 +355,7 @@ def _progress(total: int, enabled: bool) -> _Progress:
 DESCRIPTION = (
     "Check sbpatch's promise on a random-initialised model: run the installed libraries' attacks unpatched, then "
     "patched with the same seeds, and report per attack identical or DIFFERENT and the time ratio. By default a "
-    "representative set per library (its PGD, an attack that calls backward(), a query-only attack; about a minute "
+    "representative set per library (its PGD, an attack that calls backward(), a query-only attack; about 10 s "
     f"on 2 cores); --all runs every attack ({FULL_SET_DURATION}). Exit status: 0 all identical (or library-broken), "
     "1 an attack differs, 2 a bad option. On your own model call sbpatch.verify(model, inputs, labels) from Python."
 )

@@ -81,7 +81,7 @@ def test_default_is_a_representative_set_and_says_how_to_run_everything(capsys):
     ]
     assert report.ok
     text = str(report)
-    assert "representative set: 6 of" in text and "--all" in text and "minutes" in text
+    assert "representative set: 6 of" in text and "--all" in text and "--image-size 8" in text
 
 
 def test_every_representative_attack_exists_in_its_library():
