@@ -7,14 +7,16 @@ in three libraries, in eval and train mode, unpatched then patched (``helpers.co
 ``.grad`` untouched, ``requires_grad`` restored with a user-frozen parameter, really frozen). In train mode both runs
 start from the same batch-norm statistics and return the statistics they leave, which must be equal too.
 
-The test can fail: on the models marked ``sensitive`` the paper's freeze-everything one-liner changes the logits, the
-input gradient and at least one attack's output (checked below), because a kernel depends on ``requires_grad``.
+The models marked ``sensitive`` have a kernel that depends on ``requires_grad``: on CPUs where the two kernels round
+differently, the paper's freeze-everything one-liner changes their logits, input gradient and attack outputs, and
+sbpatch must not (checked below; which ones differ is CPU-specific, and the test reports those that do not here).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import compare, expect
+from sensitive import NoSensitiveShape, find_sensitive
 
 import sbpatch
 from sbpatch.bench import zoo
@@ -154,14 +157,21 @@ def test_frozen_forward_and_gradient_identical(name: str, mode: str) -> None:
 
 
 @pytest.mark.parametrize("name", SENSITIVE)
-def test_one_liner_changes_sensitive_models(name: str) -> None:
-    """The zoo can catch a wrong kernel choice: freezing everything changes these models' numbers (eval mode), in the
-    plain forward/backward and in at least one attack's output."""
+def test_where_the_one_liner_changes_a_model_sbpatch_does_not(name: str) -> None:
+    """The zoo can catch a wrong kernel choice: on these models a kernel depends on ``requires_grad``. Whether the
+    two kernels round differently depends on the CPU, so this test asserts no CPU's rounding: where the one-liner
+    changes the plain forward/backward or an attack's output on this machine, sbpatch gives the shipped numbers
+    there; where it changes nothing here, the test says so (a ``NoSensitiveShape`` warning) and still asserts
+    sbpatch's identity."""
     model = model_of(name)
     x, y = zoo.inputs(name)
     live, frozen_all = _live_and(model, x, y, lambda: one_liner(model))
-    assert not identical(live, frozen_all), f"{name}: the one-liner no longer changes it; choose other shapes"
-    changed = []
+    _, patched = _live_and(model, x, y, lambda: sbpatch.frozen(model))
+    assert identical(live, patched), f"{name}: sbpatch changed the logits or input gradient"
+    if identical(live, frozen_all):
+        warnings.warn(f"{name}: on this CPU the one-liner does not change its logits or input gradient",
+                      NoSensitiveShape, stacklevel=1)
+        return
     for attack, spec in sorted(zoo.ATTACKS.items()):
         run = from_same_state(model, spec.build(model, x, y))
         with sbpatch.paused():
@@ -171,9 +181,11 @@ def test_one_liner_changes_sensitive_models(name: str) -> None:
             with one_liner(model):
                 got = run()
         if not identical(expected, got):
-            changed.append(attack)
-            break
-    assert changed, f"{name}: no attack output changes under the one-liner"
+            seed_all(0)
+            assert identical(expected, run()), f"{name}: sbpatch changed {attack}'s output where the one-liner does"
+            return
+    warnings.warn(f"{name}: on this CPU no zoo attack's output changes under the one-liner", NoSensitiveShape,
+                  stacklevel=1)
 
 
 @pytest.mark.parametrize(("name", "mode", "attack"), CASES)
@@ -183,3 +195,45 @@ def test_attack_identical(name: str, mode: str, attack: str) -> None:
     x, y = zoo.inputs(name)
     run = from_same_state(model, spec.build(model, x, y, mode == "train"))
     expect(compare(spec.library, attack, model, run, f"{name} ({mode})"), KNOWN_BROKEN)
+
+
+class _FramesAnyWidth(torch.nn.Module):
+    """The zoo's per-frame classifier with a frame layer ``width`` wide (searched per CPU), then a 10-class head."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.frames = zoo.Conv1dFrames()
+        self.frames.frames = torch.nn.Linear(64, width)  # fed (B, T, 64) with the strides of a transpose
+        self.head = torch.nn.Linear(width, zoo.CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.frames(x)))
+
+
+@functools.cache
+def _sensitive_frames() -> tuple[torch.nn.Module, bool]:
+    x, y = zoo.inputs("conv1d_linear")
+
+    def make(width: int) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+        torch.manual_seed(0)
+        return _FramesAnyWidth(width).eval(), (x, y)
+
+    def probe(model: torch.nn.Module, xy: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+        out = forward_and_gradient(model, *xy)
+        model.zero_grad(set_to_none=True)
+        return out
+
+    model, _, found = find_sensitive(make, probe, what="per-frame classifier")
+    return model, found
+
+
+@pytest.mark.parametrize("attack", sorted(zoo.ATTACKS))
+def test_attack_identical_on_a_shape_this_cpu_rounds_differently(attack: str) -> None:
+    """Whatever this CPU's rounding, one zoo model is kernel-sensitive here: a frame-classifier width where the
+    one-liner changes logits and input gradient is searched for, then every attack runs on it, shipped vs patched."""
+    pristine, _ = _sensitive_frames()
+    model = copy.deepcopy(pristine)
+    model.head.bias.requires_grad_(False)
+    x, y = zoo.inputs("conv1d_linear")
+    run = from_same_state(model, zoo.ATTACKS[attack].build(model, x, y))
+    expect(compare(zoo.ATTACKS[attack].library, attack, model, run, "frames (searched width)"), KNOWN_BROKEN)
