@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "add_keep_rule": "sbpatch.freeze",
     "frozen": "sbpatch.freeze",
     "keep_rules": "sbpatch.freeze",
+    "release_all": "sbpatch.freeze",
     "remove_keep_rule": "sbpatch.freeze",
     "paused": "sbpatch.patching",
     "LibraryStatus": "sbpatch.registry",
@@ -52,6 +53,7 @@ __all__ = [
     "frozen",
     "keep_rules",
     "paused",
+    "release_all",
     "remove_keep_rule",
     "status",
     "verify",
@@ -61,7 +63,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports these on first use
     from sbpatch import errors
     from sbpatch.errors import ConfigError, DidNotEnable, SbpatchError, SbpatchWarning
-    from sbpatch.freeze import add_keep_rule, frozen, keep_rules, remove_keep_rule
+    from sbpatch.freeze import add_keep_rule, frozen, keep_rules, release_all, remove_keep_rule
     from sbpatch.patching import paused
     from sbpatch.registry import LibraryStatus, disable, enable, status
     from sbpatch.verify import verify

@@ -228,11 +228,13 @@ def _note_kept(name: str, reason: str) -> None:
 class Holder:
     """One acquisition (one frozen call): the groups it holds. ``done`` once fully released."""
 
-    __slots__ = ("__weakref__", "done", "groups")
+    __slots__ = ("__weakref__", "done", "groups", "owner")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Any = None) -> None:
         self.groups: list[Group] = []
         self.done = False
+        # the frozen() object that must release it (weak): once it is gone, nobody can
+        self.owner = None if owner is None else weakref.ref(owner)
 
 
 class Group:
@@ -676,6 +678,8 @@ def acquire(groups: Iterable[Group], holder: Holder) -> None:
     Written so that an exception landing at any point leaves what :func:`release` undoes: the holder is
     registered before anything is frozen, and only what was registered gets restored.
     """
+    if _active:
+        _reap()
     with _lock:
         for group in groups:
             if holder in group.holders:
@@ -855,9 +859,87 @@ def _promote(p: Any, name: str, reason: str) -> None:
 
 def held_count() -> int:
     """Number of parameters sbpatch holds right now, frozen or guarded (0 when no frozen call is running)."""
+    _reap()
     with _lock:
         exclusive = len(_exclusive.owned) if _exclusive is not None else 0
         return len(_ledger) + exclusive + len(_guards)
+
+
+# Holders whose call can no longer release them (a ``frozen()`` object collected with a block still entered: an
+# interruption landed before its ``__exit__`` ran any line). Released by the next acquire/release/held_count, or at
+# once when the lock is free. ``list.append`` and ``pop`` are atomic, so a garbage-collection callback may add here.
+_orphans: list[Holder] = []
+
+
+def _orphaned(holder: Holder) -> None:
+    """Queue ``holder`` for release and release it now if the lock is free (never blocks: this may run inside a
+    garbage-collection pass that interrupted sbpatch itself)."""
+    if holder.done:
+        return
+    _orphans.append(holder)
+    if _lock.acquire(blocking=False):
+        _lock.release()
+        _heal()
+
+
+def _reap() -> None:
+    """Release the holders whose ``frozen()`` object is gone (its ``__del__`` was itself interrupted)."""
+    for group in list(_active):
+        for h in list(group.holders):
+            if h.owner is not None and h.owner() is None and not h.done:
+                _orphans.append(h)
+    if _orphans:
+        _heal()
+
+
+def _heal() -> None:
+    while _orphans:
+        try:
+            holder = _orphans.pop()
+        except IndexError:  # another thread took the last one
+            return
+        release(holder)
+        log.warning("sbpatch: released %d group(s) left held by a frozen() block that never exited (interrupted "
+                    "before its __exit__ ran)", len(holder.groups) or 1)
+
+
+def release_all() -> int:
+    """Give back every parameter sbpatch holds, whatever holds it; returns how many parameters were held.
+
+    For a notebook after a Ctrl-C landed where no ``finally`` could run (e.g. as a ``with sbpatch.frozen(...)``
+    block was leaving): the flags, ``.grad`` buffers set aside and probe hooks are put back as if every frozen call
+    had ended. Never call it while an attack is running in another thread: that call's model would be unfrozen.
+    """
+    _reap()
+    with _lock:
+        count = len(_ledger) + (len(_exclusive.owned) if _exclusive is not None else 0) + len(_guards)
+        holders = {h for g in _active for h in g.holders}
+    for holder in holders:
+        release(holder)
+    with _lock:  # what no holder accounts for any more (an interrupted arrival): restore it as release would
+        for group in list(_active):
+            group.holders.clear()
+            _unfreeze(group)
+        for key, (p, _holders) in list(_ledger.items()):
+            p.requires_grad = True
+            del _ledger[key]
+        for p, grad in list(_promoted.values()):
+            p.grad = grad
+        _promoted.clear()
+        for key, (p, _groups, grad) in list(_guards.items()):
+            p.grad = grad
+            del _guards[key]
+        _release_state()
+    return count
+
+
+def _release_state() -> None:
+    global _exclusive
+    _exclusive = None
+    _active.clear()
+    _writes.clear()
+    if _torch is not None and _rg_property is not None:
+        _watch(False)
 
 
 _comm_free_fn: Any = None
@@ -913,6 +995,8 @@ class frozen(contextlib.ContextDecorator):
     """
 
     def __init__(self, *modules: Any, keep: Any = ()) -> None:
+        if not modules:
+            raise TypeError(f"frozen() needs what to freeze: {_ACCEPTED}")
         self._targets = targets_of(modules)
         self._keep = keep_of(keep)
         names = [k for k in self._keep if isinstance(k, str)]
@@ -921,7 +1005,7 @@ class frozen(contextlib.ContextDecorator):
         self._stacks: dict[int, list[Holder]] = {}
 
     def __enter__(self) -> frozen:
-        holder = Holder()
+        holder = Holder(self)
         sync = None
         try:
             acquire(collect(self._targets, self._keep), holder)
@@ -953,6 +1037,19 @@ class frozen(contextlib.ContextDecorator):
             raise
         finally:
             self._top()  # drops the released entry
+
+    def __del__(self) -> None:
+        # Collected with a block still entered: an interruption landed at the first bytecode of __exit__ (Python
+        # checks for signals when a function starts), so no line of it ran. Nobody can exit it now: release.
+        stacks = getattr(self, "_stacks", None)
+        if not stacks:
+            return
+        for stack in list(stacks.values()):
+            for holder, sync in list(stack):
+                if not holder.done:
+                    with contextlib.suppress(Exception):
+                        sync.__exit__(None, None, None)
+                    _orphaned(holder)
 
     def _top(self) -> Any:
         """This thread's innermost live entry (dropping released ones); another thread's if this one has none."""

@@ -4,6 +4,7 @@ import sys
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 sys.path.insert(0, os.path.dirname(__file__))
 
+import pytest
 import torch
 
 import sbpatch
@@ -20,3 +21,16 @@ offline()
 # In-process tests run with every installed library enabled from collection on (the shims must be in place before a
 # test module imports advertorch or deeprobust); import-order tests use subprocesses.
 sbpatch.enable()
+
+
+@pytest.fixture(autouse=True)
+def no_parameter_left_held():
+    """One failure stays one failure: a test that leaves parameters held (a lost release) fails here, and the ledger
+    is reset (sbpatch.release_all) so the tests after it start clean."""
+    yield
+    from sbpatch import freeze
+
+    held = freeze.held_count()
+    if held:
+        sbpatch.release_all()
+        pytest.fail(f"sbpatch still held {held} parameter(s) after the test; released them for the next tests")

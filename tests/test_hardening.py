@@ -12,7 +12,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import data, tiny_cnn
+from helpers import data, tiny_cnn, tiny_vit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -20,6 +20,8 @@ from torch import nn
 import sbpatch
 from sbpatch import freeze
 from sbpatch.errors import SbpatchError
+
+TRIES = 1000  # alarms at random moments; the loaded-machine failure of issue 14 came at try 63 of 360
 
 
 def flags(model: nn.Module) -> list[bool]:
@@ -83,7 +85,7 @@ def test_keyboard_interrupt_at_any_moment_restores_everything():
     rng = random.Random(0)
     interrupted = 0
     try:
-        for i in range(360):
+        for i in range(TRIES):
             kind = i % 3
             fired[0] = False
             try:
@@ -101,7 +103,7 @@ def test_keyboard_interrupt_at_any_moment_restores_everything():
         signal.signal(signal.SIGALRM, old)
     # nearly every alarm lands as a KeyboardInterrupt; one landing in a weakref callback or __del__ (garbage
     # collection) is printed and swallowed by Python itself, so do not require all 360
-    assert interrupted >= 340
+    assert interrupted >= 0.94 * TRIES
     with sbpatch.frozen(model):  # still freezing afterwards (the transposed-input Linear stays live: learned)
         assert [n for n, p in model.named_parameters() if p.requires_grad] == ["mix.weight"]
     assert flags(model) == before
@@ -345,3 +347,54 @@ def test_a_library_saving_and_restoring_the_flag_gets_the_original_back():
         emb.weight.requires_grad = found
     assert emb.weight.requires_grad and model[1].weight.requires_grad
     assert_idle()
+
+
+def test_a_block_whose_exit_never_ran_is_released_when_its_frozen_object_goes():
+    """The window the loaded run hit: a signal landing at the first bytecode of ``frozen.__exit__`` (Python checks
+    for signals when a function starts), so none of its lines runs. The ``frozen`` object is then dropped with its
+    block still entered: sbpatch releases it at once, and the next acquire reaps any that got past that."""
+    model = tiny_cnn()
+    before = flags(model)
+    cm = sbpatch.frozen(model)
+    cm.__enter__()  # an exit that never comes
+    assert not model.head.weight.requires_grad and freeze.held_count() > 0
+    del cm
+    gc.collect()
+    assert flags(model) == before and freeze.held_count() == 0
+    # the reaper: a holder whose frozen() object is gone but whose __del__ did not run its release
+    cm = sbpatch.frozen(model)
+    cm.__enter__()
+    holder = cm._stacks[threading.get_ident()][-1][0]
+    cm._stacks.clear()  # as if __del__ had been interrupted before its first line
+    del cm
+    assert not holder.done and not model.head.weight.requires_grad
+    with sbpatch.frozen(model):  # the next acquire reaps it; this block holds the model as usual
+        assert not model.head.weight.requires_grad
+    assert holder.done and flags(model) == before and freeze.held_count() == 0
+
+
+def test_release_all_gives_back_everything_whatever_holds_it():
+    a, b = tiny_cnn(), tiny_vit()
+    before = flags(a), flags(b)
+    kept = b.encoder.layers[0].self_attention.in_proj_weight  # kept live: its .grad is set aside
+    kept.grad = torch.ones_like(kept)
+    grad = kept.grad
+    held = sbpatch.frozen(a)
+    held.__enter__()  # still referenced, never exited: only release_all() can end it
+    lost = freeze.Holder()
+    freeze.acquire(freeze.collect([a, b]), lost)  # a holder nobody will release (ledger mode: a is shared)
+    held_now = freeze.held_count()
+    assert held_now > 0 and kept.grad is None
+    assert sbpatch.release_all() == held_now
+    assert (flags(a), flags(b)) == before and freeze.held_count() == 0 and kept.grad is grad
+    assert not any(m._forward_pre_hooks for m in b.modules()), "probe hooks removed"
+    assert "requires_grad" not in nn.Parameter.__dict__, "write watch removed"
+    with sbpatch.frozen(a):  # business as usual afterwards
+        assert not a.head.weight.requires_grad
+    assert flags(a) == before[0]
+    held._stacks.clear()
+
+
+def test_frozen_needs_something_to_freeze():
+    with pytest.raises(TypeError, match="needs what to freeze"):
+        sbpatch.frozen()
