@@ -10,11 +10,11 @@ still asserts sbpatch's identity on the first candidate.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
 from sbpatch.verify import identical
@@ -60,7 +60,7 @@ def find_sensitive(
     for width in widths:
         model, inputs = make(width)
         expected = probe(model, inputs)
-        if not identical(expected, one_liner_result(model, lambda: probe(model, inputs))):
+        if not identical(expected, one_liner_result(model, functools.partial(probe, model, inputs))):
             return make(width) + (True,)
     model, inputs = make(widths[0])
     warnings.warn(
