@@ -28,22 +28,23 @@ def library_list(value: str) -> list[str]:
 
 
 def _status(args: argparse.Namespace) -> int:
-    """Enable the libraries (all installed by default), import their patch targets, print what was patched."""
+    """Enable the libraries (all installed by default) and print the table: what is patched in this process, and
+    for a library not imported yet what will be patched when it is imported. Imports no attack library."""
     sbpatch.enable(*(args.libraries or []))
-    for name, lib in sbpatch.status().items():
-        if not lib.enabled:
-            continue
-        for target in registry.integration(name).targets:
-            try:
-                importlib.import_module(target.module)
-            except Exception as exc:  # the library itself does not import on this stack: show it, carry on
-                print(f"{name}: importing {target.module} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-    print(sbpatch.status())
+    report = sbpatch.status()
+    print(report)
     if args.verbose:
-        for name, lib in sbpatch.status().items():
-            print(f"\n{name}: patched {len(lib.patched)}, excluded {len(lib.excluded)}, shims {lib.shims or '-'}")
+        for name, lib in report.items():
+            targets = {t.name: t for t in registry.integration(name).targets}
+            print(
+                f"\n{name}: patched {len(lib.patched)}, when imported {len(lib.pending)}, "
+                f"excluded {len(lib.excluded)}, shims {lib.shims or '-'}"
+            )
             for target in lib.patched:
                 print(f"  patched  {target}")
+            for target in lib.pending:
+                subclasses = " (and the subclasses that define it)" if targets[target].subclasses else ""
+                print(f"  when imported  {target}{subclasses}")
             for target, reason in lib.excluded.items():
                 print(f"  excluded {target}: {reason}")
     return 0
@@ -88,6 +89,20 @@ def _python_names() -> set[str]:
     return {"python", f"python{v.major}", f"python{v.major}.{v.minor}"}
 
 
+def find_command(name: str, path: str | None = None) -> str | None:
+    """The executable a command name means for ``sbpatch run``: first the directory of this interpreter (the
+    venv's bin, whose ``torchrun``, ``pytest``... run with sbpatch's start-up hook even when that venv is not on PATH),
+    then ``path`` (default: the PATH variable). A name with a directory part is taken as it is. None when not found."""
+    if os.path.dirname(name):
+        return shutil.which(name)
+    here = os.path.dirname(sys.executable) if sys.executable else ""
+    if here:
+        found = shutil.which(name, path=here)
+        if found is not None:
+            return found
+    return shutil.which(name, path=path)
+
+
 def _run(args: argparse.Namespace) -> int:
     """Run a script, a module (-m) or a command with the libraries enabled, in the manner of ``ddtrace-run``."""
     libraries = args.libraries or []
@@ -117,9 +132,9 @@ def _run(args: argparse.Namespace) -> int:
         # whichever `python` comes first on PATH (an unactivated venv).
         executable = argv0 = sys.executable
     else:
-        executable, argv0 = shutil.which(first), first
+        executable, argv0 = find_command(first), first
         if executable is None:
-            return _fail(f"{first!r} is neither a Python file nor a command on PATH")
+            return _fail(f"{first!r} is neither a Python file nor a command on PATH (nor next to {sys.executable})")
     os.environ[config.ENV_VAR] = ",".join(libraries) if libraries else "all"
     os.execv(executable, [argv0, *rest])
     return 0  # not reached
@@ -164,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a Python script, module or command with sbpatch enabled",
         description="sbpatch run [--libraries L,...] script.py args... | -m module args... | command args... "
         "A script or module runs in this interpreter with the libraries enabled; any other command runs with "
-        "SBPATCH set (python/python3 means this interpreter). A missing script, module or command exits 2.",
+        "SBPATCH set (python/python3 means this interpreter; a command is looked up next to this interpreter first, "
+        "then on PATH). A missing script, module or command exits 2.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--libraries", type=library_list, default=None, help=f"comma list of: {valid} (default: all)")

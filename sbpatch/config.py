@@ -1,7 +1,8 @@
 """One vocabulary for naming libraries, shared by ``enable()``/``disable()`` and the ``SBPATCH`` variable.
 
 Names are case-insensitive and may be comma-separated; ``"all"`` means every supported library. The variable also
-takes on/off switches (``1``, ``true`` ... and ``0``, ``false``, ``none`` ...). ``OFF_VALUES`` is repeated in
+takes on/off switches: ``ALL_VALUES`` (every library) and ``OFF_VALUES`` (nothing), matched after stripping spaces
+and lower-casing; :func:`accepted_values` words both for messages and docs. ``OFF_VALUES`` is repeated in
 ``sbpatch.pth`` (which must import nothing); tests/test_startup.py keeps the two equal.
 
 Imported at interpreter start when ``SBPATCH`` is set (``sbpatch._startup``): pure strings, no import but
@@ -55,6 +56,13 @@ def library_names(libraries: Iterable[object], valid: Sequence[str], what: str =
     return list(dict.fromkeys(names))
 
 
+def accepted_values() -> tuple[str, str]:
+    """On-values and off-values as the parser takes them, in words: ``("all, 1, ...", "unset, empty, ...")``."""
+    on = ", ".join(ALL_VALUES)
+    off = ", ".join(["unset"] + [v if v else "empty" for v in OFF_VALUES])
+    return on, off
+
+
 def parse_libraries(value: str | None, valid: list[str]) -> list[str] | None:
     """What ``SBPATCH=value`` asks for: None (nothing), ``[]`` (every library) or the named libraries.
 
@@ -70,8 +78,9 @@ def parse_libraries(value: str | None, valid: list[str]) -> list[str] | None:
     try:
         names = library_names([text], valid)
     except ConfigError:
+        on, off = accepted_values()
         raise ConfigError(
-            f"invalid {ENV_VAR}={value!r}: use 'all' (or 1, true), nothing (unset, 0, false, none), "
-            f"or a comma-separated list of: {', '.join(valid)}"
+            f"invalid {ENV_VAR}={value!r}: use {on} (every library); {off} (nothing); "
+            f"or a comma-separated list of: {', '.join(valid)} (any case)"
         ) from None
     return [] if names is None else names

@@ -50,6 +50,7 @@ class LibraryStatus:
     supported: str = ""
     enabled: bool = False
     patched: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)  # declared targets patched when their module is imported
     skipped: dict[str, str] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
     shims: list[str] = field(default_factory=list)
@@ -60,7 +61,13 @@ class LibraryStatus:
 
 
 class StatusReport(dict):
-    """``status()``'s result: a dict name -> LibraryStatus that prints as a table."""
+    """``status()``'s result: a dict name -> LibraryStatus that prints as a table.
+
+    ``held``: the parameters sbpatch held (frozen or kept aside) when the report was made; non-zero only while a
+    frozen call runs, or after one was cut short in a way sbpatch could not finish restoring.
+    """
+
+    held: int = 0
 
     def __str__(self) -> str:
         from sbpatch import freeze
@@ -74,13 +81,18 @@ class StatusReport(dict):
                     s.version or "no",
                     s.supported,
                     "yes" if s.enabled else "no",
-                    str(len(s.patched)),
+                    _patched_cell(s),
                     str(len(s.skipped)),
                     str(s.calls),
                     str(s.unlocated),
                 )
             )
         lines = format_table(headers, rows)
+        if self.held:
+            lines.append(
+                f"held now: {self.held} parameters frozen or set aside by sbpatch; if no attack call is running, "
+                "sbpatch.release_all() gives them back"
+            )
         for s in self.values():
             for target, reason in s.skipped.items():
                 lines.append(f"skipped {target}: {reason}")
@@ -97,6 +109,13 @@ class StatusReport(dict):
                 lines.append(f"  ... {len(kept) - len(shown)} earlier ones (sbpatch.freeze.kept_live() has them all)")
             lines += [f"  {name}: {why}" for name, why in shown]
         return "\n".join(lines)
+
+
+def _patched_cell(s: LibraryStatus) -> str:
+    """The ``patched`` column: the count so far, and "when imported" for targets whose module is not imported yet."""
+    if not s.pending:
+        return str(len(s.patched))
+    return f"{len(s.patched)}, rest when imported" if s.patched else "when imported"
 
 
 class _State:
@@ -288,14 +307,26 @@ def disable(*libraries: str | list[str] | tuple[str, ...]) -> None:
 
 
 def status() -> StatusReport:
-    """One :class:`LibraryStatus` per supported library."""
+    """One :class:`LibraryStatus` per supported library, and ``held`` (see :class:`StatusReport`).
+
+    Imports no attack library: the installed version comes from the package metadata, and an enabled library not
+    imported yet lists its declared targets in ``pending`` (printed "when imported").
+    """
+    from sbpatch import freeze
+
     report = StatusReport()
+    report.held = freeze.held_count()
     with _lock:
         for name in INTEGRATIONS:
             state = _state(name)
             integ = state.integration
             version = installed_version(integ)
             patched = [n for a in state.applied.values() for n in a.names()]
+            pending = (
+                [t.name for t in integ.targets if t.name not in state.applied and t.name not in state.skipped]
+                if state.counters.enabled
+                else []
+            )
             report[name] = LibraryStatus(
                 name=name,
                 installed=version is not None,
@@ -303,6 +334,7 @@ def status() -> StatusReport:
                 supported=integ.supported,
                 enabled=state.counters.enabled,
                 patched=patched,
+                pending=pending,
                 skipped=dict(state.skipped),
                 excluded=dict(integ.excluded),
                 shims=list(state.shims),

@@ -217,6 +217,7 @@ def verify(
     """
     from sbpatch.bench.workloads import image_libraries, modality
 
+    _check_model(model)
     # The libraries of the model's kind: a text victim (sbpatch.bench.text.TextVictim: .model, .tokenizer,
     # .embedding, .words, .vectors) goes to the text libraries, anything else to the image ones.
     kind = "text" if _is_text_victim(model) else "image"
@@ -273,6 +274,21 @@ def verify(
         for name in enabled_here:
             registry.disable(name)
     return report
+
+
+def _check_model(model: Any) -> None:
+    """Raise a TypeError naming what verify() accepts unless ``model`` is an ``nn.Module`` or a text victim of one."""
+    import torch
+
+    module = model.model if _is_text_victim(model) else model
+    if not isinstance(module, torch.nn.Module):
+        what = f"{type(model).__name__} {model!r:.80}"
+        if module is not model:
+            what = f"a text victim whose .model is {type(module).__name__} {module!r:.80}"
+        raise TypeError(
+            f"verify() needs the model as a torch.nn.Module returning logits (or, for the text libraries, a text "
+            f"victim such as sbpatch.bench.text.TextVictim whose .model is an nn.Module), not {what}"
+        )
 
 
 def _is_text_victim(model: Any) -> bool:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,14 +36,76 @@ def test_version_and_help():
     assert out.returncode == 0 and "status" in out.stdout and "run" in out.stdout
 
 
-def test_status_imports_and_lists_every_target():
+def test_status_lists_what_will_be_patched_when_imported():
     out = run_cli("status", "-v", "--libraries", "torchattacks,cleverhans")
     assert out.returncode == 0, out.stderr
-    assert "  patched  torchattacks.attack.Attack.__call__" in out.stdout
+    assert "  when imported  torchattacks.attack.Attack.__call__" in out.stdout
     assert "  excluded torchattacks.LGV: trains copies" in out.stdout
-    assert "  patched  cleverhans.torch.attacks.projected_gradient_descent.projected_gradient_descent" in out.stdout
+    assert (
+        "  when imported  cleverhans.torch.attacks.projected_gradient_descent.projected_gradient_descent" in out.stdout
+    )
     row = next(line for line in out.stdout.splitlines() if line.startswith("cleverhans"))
-    assert row.split()[3:5] == ["yes", "6"]
+    assert row.split()[3:6] == ["yes", "when", "imported"]
+    row = next(line for line in out.stdout.splitlines() if line.startswith("art"))
+    assert row.split()[3:5] == ["no", "0"]  # not enabled: nothing patched, nothing pending
+
+
+def test_status_lists_patched_targets_once_imported():
+    code = (
+        "import torchattacks, cleverhans.torch.attacks.fast_gradient_method\n"
+        "from sbpatch import cli\n"
+        "cli.main(['status', '-v', '--libraries', 'torchattacks,cleverhans'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "SBPATCH"})
+    assert out.returncode == 0, out.stderr
+    assert "  patched  torchattacks.attack.Attack.__call__" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.startswith("torchattacks"))
+    assert row.split()[3:5] == ["yes", "1"]
+    row = next(line for line in out.stdout.splitlines() if line.startswith("cleverhans"))
+    assert "yes      1, rest when imported" in row
+    assert "  patched  cleverhans.torch.attacks.fast_gradient_method.fast_gradient_method" in out.stdout
+    assert "  when imported  cleverhans.torch.attacks.spsa.spsa" in out.stdout
+
+
+ATTACK_MODULES = ("torchattacks", "art", "foolbox", "advertorch", "deeprobust", "cleverhans", "OpenAttack",
+                  "textattack", "nltk", "transformers", "torch")
+
+
+def test_status_is_instant_and_imports_no_library():
+    """`sbpatch status` reads versions from package metadata and imports no attack library (nor torch): TextAttack
+    alone takes tens of seconds to import offline."""
+    code = (
+        "import sys\n"
+        "from sbpatch import cli\n"
+        "rc = cli.main(['status'])\n"
+        "rc |= cli.main(['status', '-v'])\n"
+        f"print('IMPORTED', sorted(m for m in sys.modules if m.split('.')[0] in {ATTACK_MODULES!r}))\n"
+        "raise SystemExit(rc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "SBPATCH"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "IMPORTED []"
+    assert out.stderr == ""
+    start = time.perf_counter()
+    out = run_cli("status")
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert "when imported" in out.stdout
+    assert elapsed < 5, f"sbpatch status took {elapsed:.1f} s"
+
+
+def test_status_shows_parameters_held_now():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    assert "held now" not in str(sbpatch.status())
+    with sbpatch.frozen(model):
+        report = sbpatch.status()
+    assert report.held == 4
+    assert "held now: 4 parameters" in str(report) and "sbpatch.release_all()" in str(report)
+    assert sbpatch.status().held == 0
 
 
 def test_status_table():
@@ -121,6 +184,25 @@ def test_run_python_means_this_interpreter_not_the_first_on_path(tmp_path: Path)
         out = run_cli("run", "--libraries", "cleverhans", name, "-c", code, path=f"{fake}:{os.environ['PATH']}")
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == [sys.prefix, "cleverhans"], out.stdout
+
+
+def test_run_finds_commands_next_to_the_interpreter_first(tmp_path: Path):
+    """`sbpatch run torchrun ...` works with the venv not on PATH: the interpreter's directory is searched first."""
+    here = Path(sys.executable).parent
+    assert cli.find_command("torchrun", path="/usr/bin:/bin") == str(here / "torchrun")
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "torchrun").write_text("#!/bin/sh\necho WRONG TORCHRUN\n")
+    (other / "torchrun").chmod(0o755)
+    (other / "only-here").write_text("#!/bin/sh\n")
+    (other / "only-here").chmod(0o755)
+    assert cli.find_command("torchrun", path=str(other)) == str(here / "torchrun")  # the venv's, not PATH's first
+    assert cli.find_command("only-here", path=str(other)) == str(other / "only-here")  # then PATH
+    assert cli.find_command("no-such-command-xyz", path=str(other)) is None
+    assert cli.find_command(str(other / "only-here")) == str(other / "only-here")  # a path is taken as it is
+    out = run_cli("run", "torchrun", "--help", path=f"{other}:/usr/bin:/bin")
+    assert out.returncode == 0, out.stderr
+    assert "WRONG" not in out.stdout and "nproc" in out.stdout
 
 
 def _subparsers(parser):

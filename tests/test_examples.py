@@ -40,6 +40,26 @@ def test_example(name: str):
     assert out.returncode == 0, out.stderr
     for text in EXPECTED[name]:
         assert text in out.stdout, out.stdout
+    if name == "quickstart.py":  # the README shows its output: every line but the CPU times, which vary
+        shown = [line for line in readme_output(name) if not line.startswith("CPU time:")]
+        printed = [line.rstrip() for line in out.stdout.splitlines() if not line.startswith("CPU time:")]
+        assert printed == shown, "README's quick-start output block is not what examples/quickstart.py prints"
+
+
+def readme_output(name: str) -> list[str]:
+    """The fenced block that follows the README's "[`examples/<name>`](...) runs this ... prints:" line."""
+    text = (EXAMPLES.parent / "README.md").read_text()
+    after = text[text.index(f"[`examples/{name}`](examples/{name}) runs this"):]
+    block = after.split("```\n", 2)[1]
+    return block.rstrip("\n").splitlines()
+
+
+def test_speed_figures_are_measured_on_one_thread():
+    """README's figures are 1 thread: every example that prints a time pins torch's threads itself."""
+    for path in EXAMPLES.glob("*.py"):
+        source = path.read_text()
+        if "time." in source or "perf_counter" in source:
+            assert "torch.set_num_threads(1)" in source, f"{path.name} prints a time without pinning threads"
 
 
 def torchrun(name: str, *args: str) -> list[str]:

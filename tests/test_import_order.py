@@ -267,13 +267,41 @@ def test_startup_hook_is_installed():
         ("all,art", []),
         ("ALL", []),
         ("True", []),
+        (" Yes ", []),
+        ("on", []),
         ("None", None),
+        ("no", None),
+        ("OFF", None),
         ("", None),
         (None, None),
     ],
 )
 def test_env_var_vocabulary(value: str | None, expected: list[str] | None):
     assert config.parse_libraries(value, list(registry.INTEGRATIONS)) == expected
+
+
+def test_bad_env_value_message_lists_every_accepted_value():
+    """The message names each on-value and off-value exactly as the parser takes them (and each is taken)."""
+    valid = list(registry.INTEGRATIONS)
+    with pytest.raises(ConfigError) as exc:
+        config.parse_libraries("bogus", valid)
+    message = str(exc.value)
+    assert "invalid SBPATCH='bogus'" in message
+    on, off = message.split(": use ", 1)[1].split("; ")[:2]
+    assert on == f"{', '.join(config.ALL_VALUES)} (every library)" == "all, 1, true, yes, on (every library)"
+    assert off == "unset, empty, 0, false, no, off, none (nothing)"
+    assert all(config.parse_libraries(v, valid) == [] for v in config.ALL_VALUES)
+    assert all(config.parse_libraries(v, valid) is None for v in config.OFF_VALUES)
+    assert "comma-separated list of: " + ", ".join(valid) in message
+
+
+def test_readme_documents_every_accepted_value():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("| `SBPATCH=` |"):]
+    on = next(line for line in table.splitlines() if "enable every supported library" in line)
+    off = next(line for line in table.splitlines() if "nothing: sbpatch is not even imported" in line)
+    assert all(f"`{v}`" in on for v in config.ALL_VALUES), on
+    assert all(f"`{v}`" in off for v in config.OFF_VALUES if v) and "unset, empty" in off, off
 
 
 def test_env_var_names_are_case_insensitive():

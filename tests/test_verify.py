@@ -137,3 +137,21 @@ def test_verify_says_which_parameters_were_kept_live_and_why():
     assert "non-foldable" in report.kept_live["head.weight"]
     assert "kept live" in str(report) and "head.weight" in str(report)
     assert sbpatch.verify(tiny_cnn(), x, y, libraries=["torchattacks"], attacks=["PGD"], progress=False).kept_live == {}
+
+
+@pytest.mark.parametrize("model", ["notamodel", None, torch.nn.Linear(2, 2).weight])
+def test_verify_rejects_what_is_not_a_model_naming_what_is_accepted(model):
+    x, y = data()
+    with pytest.raises(TypeError) as exc:
+        sbpatch.verify(model, x, y, libraries=["torchattacks"], progress=False)
+    message = str(exc.value)
+    assert "torch.nn.Module" in message and type(model).__name__ in message
+    assert "text victim" in message
+
+
+def test_verify_rejects_a_text_victim_without_a_module():
+    from types import SimpleNamespace
+
+    victim = SimpleNamespace(model="bert", tokenizer=None, embedding=None, words=[], vectors=None)
+    with pytest.raises(TypeError, match=r"text victim whose \.model is str 'bert'"):
+        sbpatch.verify(victim, ["a text"], [0], progress=False)
