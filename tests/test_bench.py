@@ -15,7 +15,10 @@ import torch.nn as nn
 
 from sbpatch.bench import cli, runner, workloads
 
-TINY = ["--model", "cnn", "--image-size", "16", "--steps", "2", "--repeats", "1", "--warmup", "0", "--quiet"]
+# One timed round on a shared machine says nothing about speed: --exit-zero keeps timing misses out of these tests
+# (identity still fails them: each asserts "identical" itself); the exit status is tested on its own below.
+TINY = ["--model", "cnn", "--image-size", "16", "--steps", "2", "--repeats", "1", "--warmup", "0", "--quiet",
+        "--exit-zero"]
 COLUMNS = {"shipped", "oneliner", "sbpatch", "limit"}
 
 
@@ -204,3 +207,62 @@ def test_replot_from_json_and_progress_lines_when_not_a_terminal(tmp_path, capsy
     png = tmp_path / "bench.png"
     report.replot(str(path), str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _timed_row(identical: bool, shipped: list[float], sbpatch: list[float], oneliner: list[float] | None = None):
+    r = runner.RowResult("torchattacks", "PGD", "PGD", identical=identical, engaged=True, deterministic=True)
+    times = {"shipped": shipped, "oneliner": oneliner or shipped, "sbpatch": sbpatch, "limit": shipped}
+    r.columns = {k: runner.Column(list(v), list(v)) for k, v in times.items()}
+    return r
+
+
+def test_exit_status_fails_on_a_difference_and_on_a_miss_beyond_noise_only():
+    from sbpatch.bench import report
+
+    ok = _timed_row(True, [1.0, 1.0, 1.0], [0.5, 0.5, 0.5])
+    noisy = _timed_row(True, [1.0, 1.3, 0.8], [1.05, 1.2, 0.9])  # slower median, but inside the run's own spread
+    slow = _timed_row(True, [1.0, 1.0, 1.0], [1.5, 1.5, 1.5])  # 0.67x, every round: beyond noise
+    differs = _timed_row(False, [1.0, 1.0, 1.0], [0.5, 0.5, 0.5])
+    assert report.failures([ok, noisy], "cpu") == [] and cli.verdict([], False) == 0
+    assert any("within this run's noise" in m for m in report.misses([noisy], "cpu"))
+    assert len(report.failures([slow], "cpu")) == 2  # vs as shipped and vs the one-liner
+    assert report.failures([differs], "cpu") == ["torchattacks PGD: sbpatch output differs from as shipped"]
+    assert cli.verdict(report.failures([differs], "cpu"), exit_zero=False) == 1
+    assert cli.verdict(report.failures([differs], "cpu"), exit_zero=True) == 0
+    differs.deterministic = False  # judged at 1 thread because as shipped differed from itself: said in the cell
+    assert report.same_output(differs) == "NO (1 thread)" and report.same_output(ok) == "yes"
+
+
+def test_unwritable_output_is_refused_before_running(tmp_path, capsys):
+    args = parse(["--json", str(tmp_path / "missing" / "x.json")])
+    assert cli.run(args) == 2  # at once: no model built, no attack run
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.run(parse(["--markdown", str(tmp_path)])) == 2
+
+
+def test_a_library_not_deterministic_at_the_thread_count_is_judged_at_one_thread():
+    """The control that explains torchattacks DeepFool at 2 threads: as shipped run twice with the same seeds. A
+    stand-in attack whose output changes between calls exercises that path: identity is then judged at 1 thread
+    (where this stand-in, seeded per thread count, is deterministic) and the note says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.rand(2, 3, 2, 2), torch.tensor([0, 1])
+    calls = [0]
+
+    def builder(m, x_, y_, steps):
+        def call():
+            calls[0] += 1
+            jitter = 0.0 if torch.get_num_threads() == 1 else calls[0] * 1e-7  # not deterministic above 1 thread
+            return m(x_ + jitter).detach()
+
+        return call
+
+    row = workloads.Row("torchattacks", "Stand-in", "Stand-in")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = runner.run_row(row, model, x, y, builder, lambda: None, runner.Settings(1, 1, warmup=1))
+    finally:
+        torch.set_num_threads(threads)
+    assert result.deterministic is False and result.identical is True
+    assert "identity checked at 1 thread" in result.note

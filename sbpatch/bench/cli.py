@@ -107,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", metavar="FILE", help="write the results as a markdown table (default: none)")
     parser.add_argument("--plot", metavar="FILE.png", type=plot_path,
                         help="write a chart of the speed-ups (default: none)")
+    parser.add_argument("--exit-zero", action="store_true",
+                        help="exit 0 even when a check fails (by default: exit 1 when an output differs from as "
+                        "shipped, a column raises, or a speed target is missed beyond the run's own noise)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress (a bar on a terminal, else a line per row on stderr)")
 
@@ -131,12 +134,33 @@ def config_of(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     }
 
 
+def unwritable(paths: dict[str, str | None]) -> str | None:
+    """Why one of the output files cannot be written (checked before running anything), or None."""
+    import os
+
+    for option, path in paths.items():
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            return f"{option} {path}: the folder {folder} does not exist"
+        if os.path.isdir(path):
+            return f"{option} {path}: is a folder, give a file name"
+        if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            return f"{option} {path}: not writable"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark described by ``args``; 0 on success, 2 on a bad option value."""
+    """Run the benchmark described by ``args``; 0 when every check passes (or ``--exit-zero``), 1 when one fails
+    (an output differs, a column raises, a speed target missed beyond noise), 2 on a bad option value."""
     for name, default in {**DEFAULTS, "libraries": None, "attacks": None, "threads": None, "memory": False,
-                          "json": None, "markdown": None, "plot": None, "quiet": False}.items():
+                          "json": None, "markdown": None, "plot": None, "quiet": False, "exit_zero": False}.items():
         if not hasattr(args, name):  # a namespace built by hand may omit options
             setattr(args, name, default)
+    problem = unwritable({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot})
+    if problem:
+        return _error(problem)
     if args.model == "vit_b_16" and args.image_size % 16:
         return _error(f"--image-size {args.image_size}: vit_b_16 needs a multiple of 16 (e.g. 32, 64, 224)")
 
@@ -219,7 +243,18 @@ def run(args: argparse.Namespace) -> int:
             f.write(report.to_markdown(meta, config, results))
     if args.plot:
         report.plot(args.plot, meta, config, results)
-    return 0
+    return verdict(report.failures(results, args.metric), args.exit_zero)
+
+
+def verdict(failed: list[str], exit_zero: bool) -> int:
+    """The exit status: 1 when a check failed (each named on stderr), unless ``--exit-zero``."""
+    if not failed:
+        return 0
+    print(f"sbpatch bench: {len(failed)} check(s) failed" + (" (--exit-zero: exit status 0)" if exit_zero else ""),
+          file=sys.stderr)
+    for line in failed:
+        print(f"  {line}", file=sys.stderr)
+    return 0 if exit_zero else 1
 
 
 class _Progress:

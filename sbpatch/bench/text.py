@@ -470,7 +470,11 @@ def bench(args: Any) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)
-    return 0
+    from sbpatch.bench.cli import verdict
+
+    failed = [f"{r['library']} {r['attack']}: sbpatch output differs from as shipped" for r in rows
+              if r.get("identical") is False]
+    return verdict(failed, bool(getattr(args, "exit_zero", False)))
 
 
 def _threads() -> int:
