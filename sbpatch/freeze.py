@@ -662,6 +662,64 @@ def _watch(on: bool) -> None:
             del param.requires_grad
         if meth is not None and any(meth is o for o in _ours):
             del param.requires_grad_
+    _copies(on)
+
+
+# --- copies made during a frozen call ------------------------------------------------------------------------------
+# A model deep-copied, pickled or saved with torch.save while sbpatch holds it (a checkpoint callback inside an attack)
+# must come out as it was before the call: parameters sbpatch froze with requires_grad=True, and no sbpatch probe
+# hooks. While anything is held, nn.Parameter's __deepcopy__/__reduce_ex__ and nn.Module's __getstate__ are thin
+# wrappers over torch's own (installed and removed with the write watch; judged from the class, like it).
+
+_copy_originals: dict[tuple[Any, str], Any] = {}
+
+
+def _was_live(p: Any) -> bool:
+    """Whether ``p`` is frozen now only because sbpatch froze it (its flag before the call was True)."""
+    return not _rg_descriptor.__get__(p) and _frozen_by_sbpatch(p)
+
+
+def _param_deepcopy(self: Any, memo: dict) -> Any:
+    known = id(self) in memo
+    result = _copy_originals[(_torch.nn.Parameter, "__deepcopy__")](self, memo)
+    if not known and _was_live(self):
+        _rg_descriptor.__set__(result, True)
+    return result
+
+
+def _param_reduce_ex(self: Any, proto: Any) -> Any:
+    rebuild, args = _copy_originals[(_torch.nn.Parameter, "__reduce_ex__")](self, proto)[:2]
+    if _was_live(self) and len(args) >= 2 and args[1] is False:
+        args = (args[0], True, *args[2:])
+    return rebuild, args
+
+
+def _module_getstate(self: Any) -> Any:
+    state = _copy_originals[(_torch.nn.Module, "__getstate__")](self)
+    for name in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+        hooks = state.get(name) if isinstance(state, dict) else None
+        if hooks and any(isinstance(k, tuple) and k[:1] == ("sbpatch",) for k in hooks):
+            state[name] = type(hooks)((k, v) for k, v in hooks.items() if not (isinstance(k, tuple) and k[:1] == (
+                "sbpatch",)))
+    return state
+
+
+_COPY_WRAPPERS = (("Parameter", "__deepcopy__", _param_deepcopy), ("Parameter", "__reduce_ex__", _param_reduce_ex),
+                  ("Module", "__getstate__", _module_getstate))
+
+
+def _copies(on: bool) -> None:
+    nn = _torch.nn
+    for owner_name, attr, wrapper in _COPY_WRAPPERS:
+        owner = getattr(nn, owner_name)
+        current = owner.__dict__.get(attr)
+        if current is None:  # torch no longer defines it here: nothing to wrap
+            continue
+        if on and current is not wrapper:
+            _copy_originals[(owner, attr)] = current
+            setattr(owner, attr, wrapper)
+        elif not on and current is wrapper:
+            setattr(owner, attr, _copy_originals[(owner, attr)])
 
 
 def _wanted_false(p: Any) -> bool:

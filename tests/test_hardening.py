@@ -398,3 +398,36 @@ def test_release_all_gives_back_everything_whatever_holds_it():
 def test_frozen_needs_something_to_freeze():
     with pytest.raises(TypeError, match="needs what to freeze"):
         sbpatch.frozen()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copies_taken_during_a_call_come_out_as_the_model_was_before_it(how):
+    """A checkpoint callback inside an attack: the copy has the flags from before the call (a user-frozen parameter
+    stays frozen, every other one live) and none of sbpatch's probe hooks, so it trains and runs as the original."""
+    import copy
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    model[2].bias.requires_grad_(False)
+    before = flags(model)
+
+    def take() -> nn.Module:
+        if how == "deepcopy":
+            return copy.deepcopy(model)
+        if how == "pickle":
+            return pickle.loads(pickle.dumps(model))
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    with sbpatch.frozen(model):
+        model(torch.randn(2, 5, 4).transpose(0, 1))  # a run-time rule promotes model[0].weight mid-call
+        assert not model[2].weight.requires_grad and model[0]._forward_pre_hooks
+        copied = take()
+    assert flags(copied) == before == flags(model)
+    assert not any(m._forward_pre_hooks or m._forward_pre_hooks_with_kwargs for m in copied.modules())
+    assert all(torch.equal(a, b) for a, b in zip(copied.parameters(), model.parameters()))
+    assert nn.Parameter.__dict__["__deepcopy__"].__module__ == "torch.nn.parameter", "torch's own again after the call"
