@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "LibraryStatus": "sbpatch.registry",
     "disable": "sbpatch.registry",
     "enable": "sbpatch.registry",
+    "enable_targets": "sbpatch.registry",
     "status": "sbpatch.registry",
     "verify": "sbpatch.verify",
     "errors": "sbpatch.errors",
@@ -49,6 +50,7 @@ __all__ = [
     "add_keep_rule",
     "disable",
     "enable",
+    "enable_targets",
     "errors",
     "frozen",
     "keep_rules",
@@ -65,7 +67,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from sbpatch.errors import ConfigError, DidNotEnable, SbpatchError, SbpatchWarning
     from sbpatch.freeze import add_keep_rule, frozen, keep_rules, release_all, remove_keep_rule
     from sbpatch.patching import paused
-    from sbpatch.registry import LibraryStatus, disable, enable, status
+    from sbpatch.registry import LibraryStatus, disable, enable, enable_targets, status
     from sbpatch.verify import verify
 
 

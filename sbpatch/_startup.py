@@ -1,6 +1,9 @@
 """Run at interpreter start by ``sbpatch.pth`` when ``SBPATCH`` is set to anything but an off value (``0``, ``false``,
 ``none``...: the .pth line checks those itself and imports nothing): enable the libraries it names, lazily.
 
+``SBPATCH_TARGETS`` (named functions and methods, :mod:`sbpatch.targets`) is read the same way, even when ``SBPATCH``
+is unset: its modules' top-level packages are watched too.
+
 Start-up only reads the variable and asks :func:`sbpatch.compat.before_import` to watch the named libraries' top-level
 imports: it imports nothing but ``os``, ``sys``, ``_thread`` and sbpatch's small ``config``/``errors``/``compat``
 modules (no wrapt, packaging, torch, numpy or scipy). The first time one of them is about to execute, or the registry
@@ -34,6 +37,8 @@ LIBRARIES: dict[str, str] = {
 
 _lock = _thread.RLock()
 _requested: list[str] | None = None  # what SBPATCH names ([]: every library) until enable_requested() runs
+_targets: str | None = None  # what SBPATCH_TARGETS names until enable_requested() runs
+TARGETS_VAR = "SBPATCH_TARGETS"  # sbpatch.targets.ENV_VAR (not imported here unless the variable is set)
 
 
 def _report(message: str) -> None:
@@ -44,46 +49,68 @@ def _report(message: str) -> None:
 
 
 def start() -> None:
-    """Read ``SBPATCH``; watch the named libraries' imports (or enable at once one already imported)."""
-    global _requested
+    """Read ``SBPATCH`` and ``SBPATCH_TARGETS``; watch the named libraries' and target modules' top-level imports
+    (or enable at once what is already imported)."""
+    global _requested, _targets
+    watched: set[str] = set()
     try:
-        from sbpatch import compat, config
+        from sbpatch import config
 
         libraries = config.parse_libraries(os.environ.get(config.ENV_VAR), list(LIBRARIES))
-        if libraries is None:
-            return
-        _requested = libraries
-        for name in libraries or LIBRARIES:
-            compat.before_import(LIBRARIES[name], enable_requested)  # runs it at once if already imported
+        if libraries is not None:
+            _requested = libraries
+            watched.update(LIBRARIES[name] for name in libraries or LIBRARIES)
+    except Exception as exc:  # never break the user's program at start-up
+        _report(f"sbpatch: {exc}")
+    raw = os.environ.get(TARGETS_VAR, "").strip()
+    if raw:
+        try:
+            from sbpatch import targets
+
+            watched.update(module.split(".")[0] for module, _ in targets.parse([raw]))
+            _targets = raw
+        except Exception as exc:
+            _report(f"sbpatch: {TARGETS_VAR}: {exc}")
+    if not watched:
+        return
+    try:
+        from sbpatch import compat
+
+        for module in watched:
+            compat.before_import(module, enable_requested)  # runs it at once if already imported
         if "sbpatch.registry" in sys.modules:  # imported after the registry (not via the .pth): enable now
             enable_requested()
-    except Exception as exc:  # never break the user's program at start-up
+    except Exception as exc:
         _report(f"sbpatch: {exc}")
 
 
 def enable_requested() -> None:
-    """Enable what ``SBPATCH`` named, once (later calls do nothing); drop the remaining import watches.
+    """Enable what ``SBPATCH`` and ``SBPATCH_TARGETS`` named, once (later calls do nothing); drop the remaining
+    import watches.
 
-    Called by the import hook just before a watched library executes, and by the registry when it is first imported.
+    Called by the import hook just before a watched module executes, and by the registry when it is first imported.
     Never raises. Holds a lock while enabling, so a library imported by another thread meanwhile waits for its shims.
     """
-    global _requested
+    global _requested, _targets
     with _lock:
         libraries, _requested = _requested, None
-        if libraries is None:
+        named, _targets = _targets, None
+        if libraries is None and named is None:
             return
         try:
             from sbpatch import compat, config, registry
 
-            for module in LIBRARIES.values():
+            for module in compat.pending():
                 compat.cancel(module, enable_requested)  # the libraries with shims get registry's own watch
-            if not libraries:
+            if libraries == []:
                 registry.enable()
-            for name in libraries:
+            for name in libraries or ():
                 try:
                     registry.enable(name)
                 except registry.DidNotEnable as exc:
                     _report(f"sbpatch: {config.ENV_VAR}: {exc}")
+            if named is not None:
+                registry.enable_targets(named)
         except Exception as exc:  # never raise into the user's import
             _report(f"sbpatch: {exc}")
 

@@ -50,6 +50,16 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def target_list(value: str) -> list[str]:
+    """argparse type for ``--target mod:func[,mod:Class.method]``: exits 2 showing the form on a bad name."""
+    from sbpatch import targets
+
+    try:
+        return [f"{m}:{p}" for m, p in targets.parse([value])]
+    except sbpatch.ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _fail(message: str) -> int:
     """One line on stderr, exit status 2 (a bad argument, as argparse does)."""
     print(f"sbpatch run: {message}", file=sys.stderr)
@@ -109,6 +119,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.target:
         return _fail("give a script, -m MODULE, or a command")
     first, rest = args.target[0], args.target[1:]
+    named = getattr(args, "named", None) or []
     if args.module:
         sys.path[0] = os.getcwd()  # as `python -m` does: modules in the current directory are found
         sbpatch.enable(*libraries)  # before the module's parent packages are imported (shims)
@@ -116,6 +127,8 @@ def _run(args: argparse.Namespace) -> int:
         if error is not None:
             return _fail(error)
         sys.argv = [first, *rest]
+        if named:
+            sbpatch.enable_targets(named)
         runpy.run_module(first, run_name="__main__", alter_sys=True)
         return 0
     if _is_script(first):
@@ -124,6 +137,8 @@ def _run(args: argparse.Namespace) -> int:
         sbpatch.enable(*libraries)
         sys.argv = [first, *rest]
         sys.path[0] = os.path.dirname(os.path.abspath(first))  # as `python script.py` does
+        if named:
+            sbpatch.enable_targets(named)
         runpy.run_path(first, run_name="__main__")
         return 0
     # Any other command (python, pytest, ...): the start-up hook installed with sbpatch reads SBPATCH.
@@ -136,6 +151,8 @@ def _run(args: argparse.Namespace) -> int:
         if executable is None:
             return _fail(f"{first!r} is neither a Python file nor a command on PATH (nor next to {sys.executable})")
     os.environ[config.ENV_VAR] = ",".join(libraries) if libraries else "all"
+    if named:
+        os.environ["SBPATCH_TARGETS"] = ",".join(named)
     os.execv(executable, [argv0, *rest])
     return 0  # not reached
 
@@ -186,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--libraries", type=library_list, default=None, help=f"comma list of: {valid} (default: all)")
     p.add_argument("-m", dest="module", action="store_true",
                    help="run a module as a script, like python -m (the current directory is searched first)")
+    p.add_argument("--target", dest="named", type=target_list, action="extend", default=None, metavar="MOD:FUNC",
+                   help="also freeze around this function or method of any code: 'package.module:function' or "
+                   "'package.module:Class.method' (repeatable, or comma-separated; as SBPATCH_TARGETS)")
     p.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args...], module [args...] or a command")
     p.set_defaults(func=_run)
 

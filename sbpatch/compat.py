@@ -94,6 +94,13 @@ def apply(name: str) -> bool:
 _lock = _thread.allocate_lock()
 _pending: dict[str, Callable[[], None]] = {}  # top-level module name -> callback, run once before it executes
 _errors: dict[str, str] = {}  # module -> the error a callback raised (registry callbacks record their own)
+_after: dict[str, list[Callable[[], None]]] = {}  # top-level module executing now -> callbacks once it has run
+
+
+def after_exec(module: str, callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the watched top-level ``module``, executing now (its before-import callback is what
+    called this), has finished executing: for what needs the module's attributes."""
+    _after.setdefault(module, []).append(callback)
 
 
 class _ChainedLoader:
@@ -119,6 +126,8 @@ class _ChainedLoader:
             spec.loader = self.loader
         _run(self.name)
         self.loader.exec_module(module)
+        for callback in _after.pop(self.name, ()):
+            _call(self.name, callback)
 
     def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, get_code...: the real loader's
         return getattr(self.loader, name)

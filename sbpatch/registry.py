@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import importlib.util
 import logging
 import sys
 import threading
@@ -152,7 +153,7 @@ def _requested(libraries: tuple[Any, ...] | list[Any]) -> list[str] | None:
     """The names asked for (None: every library): the vocabulary of :func:`sbpatch.config.library_names`."""
     if not libraries:
         return None
-    return config.library_names(libraries, list(INTEGRATIONS))
+    return config.library_names(libraries, [*INTEGRATIONS, *(n for n in _states if n not in INTEGRATIONS)])
 
 
 def check_names(names: tuple[Any, ...] | list[Any]) -> list[str]:
@@ -177,6 +178,8 @@ def why_not(name: str) -> str | None:
 
 
 def _why_not(integration: Integration) -> str | None:
+    if not integration.distribution:  # named targets: no package, no version range
+        return None
     version = installed_version(integration)
     if version is None:
         return f"{integration.distribution} is not installed"
@@ -269,6 +272,12 @@ def _make_hook(module_name: str) -> Any:
     return on_import
 
 
+def _apply_locked(state: _State, target_name: str) -> None:
+    with _lock:
+        if state.counters.enabled:
+            _apply(state, target_name)
+
+
 def _apply(state: _State, target_name: str) -> None:
     if target_name in state.applied:
         return
@@ -291,7 +300,7 @@ def disable(*libraries: str | list[str] | tuple[str, ...]) -> None:
     original again, and shims not yet applied will not be. Shims already applied stay (they only added what was
     missing)."""
     requested = _requested(libraries)
-    names = requested if requested is not None else list(INTEGRATIONS)
+    names = requested if requested is not None else [*INTEGRATIONS, *(n for n in _states if n not in INTEGRATIONS)]
     with _lock:
         for name in names:
             state = _states.get(name)
@@ -317,10 +326,10 @@ def status() -> StatusReport:
     report = StatusReport()
     report.held = freeze.held_count()
     with _lock:
-        for name in INTEGRATIONS:
+        for name in [*INTEGRATIONS, *(n for n in _states if n not in INTEGRATIONS)]:
             state = _state(name)
             integ = state.integration
-            version = installed_version(integ)
+            version = installed_version(integ) if integ.distribution else "-"
             patched = [n for a in state.applied.values() for n in a.names()]
             pending = (
                 [t.name for t in integ.targets if t.name not in state.applied and t.name not in state.skipped]
@@ -344,6 +353,47 @@ def status() -> StatusReport:
                 note=state.note,
             )
     return report
+
+
+def enable_targets(*names: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Wrap named functions or methods of any code (``"package.module:function"``, ``"package.module:Class.method"``,
+    comma-separated or as lists), now if their module is imported, else when it is; each call is frozen around the
+    first ``nn.Module`` among its arguments, keyword arguments or the bound instance's attributes.
+
+    Returns the targets' qualified names. Idempotent per name. A bad name raises :class:`ConfigError` showing the
+    form; a module that is not installed or a name it does not define is warned about once and listed in
+    ``status()["targets"].skipped``, never raised. :func:`disable` (no names, or ``"targets"``) undoes them.
+    """
+    from sbpatch import targets
+
+    pairs = targets.parse(names)
+    with _lock:
+        state = _states.get(targets.NAME)
+        if state is None:
+            state = _states[targets.NAME] = _State(targets.integration(()))
+        known = {t.name for t in state.integration.targets}
+        added = targets.integration(p for p in pairs if f"{p[0]}.{p[1]}" not in known).targets
+        state.integration = targets.integration((t.module, t.path) for t in state.integration.targets + added)
+        state.counters.enabled = True
+        for target in state.integration.targets:
+            if target.name in state.applied:
+                continue
+            loaded = sys.modules.get(target.module)
+            if loaded is not None and getattr(getattr(loaded, "__spec__", None), "_initializing", False):
+                # executing now (SBPATCH_TARGETS watched it): its functions exist once it has run
+                compat.after_exec(target.module, functools.partial(_apply_locked, state, target.name))
+            elif loaded is not None:
+                _apply(state, target.name)
+            else:
+                top = target.module.split(".")[0]
+                if importlib.util.find_spec(top) is None:
+                    reason = f"no module {top!r} on sys.path now (wrapped if {target.module} is imported later)"
+                    state.skipped[target.name] = reason
+                    _warn_once(f"skip:{target.name}", f"sbpatch: named target {target.name}: {reason}")
+                if target.module not in _hooked:
+                    _hooked.add(target.module)
+                    wrapt.register_post_import_hook(_make_hook(target.module), target.module)
+    return [f"{m}:{p}" for m, p in pairs]
 
 
 def integration(name: str) -> Integration:

@@ -27,10 +27,12 @@ EXPECTED = {
 
 # Launched with torchrun (2 gloo ranks) as shipped, under SBPATCH=all and under `sbpatch run`, unmodified.
 TORCHRUN = {"ddp_adversarial_training.py"}
+# Named targets (SBPATCH_TARGETS / sbpatch run --target): tests/test_targets.py runs them.
+NAMED_TARGETS = {"named_target_gcg.py", "gcg_utils.py"}
 
 
 def test_every_example_is_tested():
-    assert {p.name for p in EXAMPLES.glob("*.py")} == set(EXPECTED) | TORCHRUN
+    assert {p.name for p in EXAMPLES.glob("*.py")} == set(EXPECTED) | TORCHRUN | NAMED_TARGETS
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
