@@ -141,6 +141,59 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, SbpatchWarning, stacklevel=3)
 
 
+PLUGIN_GROUP = "sbpatch.integrations"
+_plugins: dict[str, str] = {}  # plug-in name -> its entry point ("package.module:OBJECT")
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    """Read the ``sbpatch.integrations`` entry points once: each object must be an :class:`Integration`. A broken
+    plug-in (it does not load, is not an Integration, takes a built-in name) is warned about once and shown in
+    ``status()`` with the reason, never raised. Called under ``_lock`` by the registry's entry points."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    try:
+        points = list(importlib.metadata.entry_points(group=PLUGIN_GROUP))
+    except Exception as exc:  # a broken metadata directory must not break the program
+        _warn_once(f"plugins:{PLUGIN_GROUP}", f"sbpatch: reading the {PLUGIN_GROUP} entry points failed: {exc!r}")
+        return
+    for point in points:
+        name = point.name.strip().lower()
+        if name in INTEGRATIONS or name in _plugins or name == "targets":
+            message = f"sbpatch: plug-in {point.value} ignored: the name {name!r} is taken"
+            _warn_once(f"plugin:{name}:{point.value}", message)
+            continue
+        _plugins[name] = point.value
+        try:
+            integ = point.load()
+            if not isinstance(integ, Integration):
+                raise TypeError(f"{point.value} is a {type(integ).__name__}, not an sbpatch.patching.Integration")
+            if integ.name.lower() != name:
+                raise ValueError(f"{point.value} is named {integ.name!r}; its entry point says {name!r}")
+        except Exception as exc:
+            reason = f"plug-in {point.value} is broken: {type(exc).__name__}: {exc}"
+            _warn_once(f"plugin:{name}:{point.value}", f"sbpatch: {reason}")
+            broken = _states[name] = _State(Integration(name, "", "", "", ()))
+            broken.note = reason
+            continue
+        _states[name] = _State(integ)
+
+
+def plugins() -> dict[str, str]:
+    """The third-party integrations found (``sbpatch.integrations`` entry points): name -> entry point."""
+    with _lock:
+        _load_plugins()
+        return dict(_plugins)
+
+
+def _names(targets: bool = False) -> list[str]:
+    """Every library name: built-in, then plug-ins (and the named targets when ``targets``)."""
+    _load_plugins()
+    return [*INTEGRATIONS, *_plugins, *(["targets"] if targets and "targets" in _states else [])]
+
+
 def _state(name: str) -> _State:
     state = _states.get(name)
     if state is None:
@@ -153,7 +206,8 @@ def _requested(libraries: tuple[Any, ...] | list[Any]) -> list[str] | None:
     """The names asked for (None: every library): the vocabulary of :func:`sbpatch.config.library_names`."""
     if not libraries:
         return None
-    return config.library_names(libraries, [*INTEGRATIONS, *(n for n in _states if n not in INTEGRATIONS)])
+    with _lock:
+        return config.library_names(libraries, _names(targets=True))
 
 
 def check_names(names: tuple[Any, ...] | list[Any]) -> list[str]:
@@ -161,8 +215,10 @@ def check_names(names: tuple[Any, ...] | list[Any]) -> list[str]:
 
     Raises :class:`ConfigError` (TypeError for a non-string) naming the valid choices.
     """
-    requested = config.library_names(names, list(INTEGRATIONS))
-    return list(INTEGRATIONS) if requested is None else requested
+    with _lock:
+        valid = _names()
+    requested = config.library_names(names, valid)
+    return valid if requested is None else requested
 
 
 def installed_version(integration: Integration) -> str | None:
@@ -178,6 +234,8 @@ def why_not(name: str) -> str | None:
 
 
 def _why_not(integration: Integration) -> str | None:
+    if not integration.targets:  # a broken plug-in
+        return f"{integration.name}: " + (_states[integration.name].note if integration.name in _states else "broken")
     if not integration.distribution:  # named targets: no package, no version range
         return None
     version = installed_version(integration)
@@ -206,8 +264,8 @@ def enable(*libraries: str | list[str] | tuple[str, ...]) -> None:
     """
     requested = _requested(libraries)
     explicit = requested is not None
-    names = requested if requested is not None else list(INTEGRATIONS)
     with _lock:
+        names = requested if requested is not None else _names()
         problems = {}
         for name in names:
             reason = _why_not(_state(name).integration)
@@ -218,6 +276,8 @@ def enable(*libraries: str | list[str] | tuple[str, ...]) -> None:
         for name in names:
             state = _state(name)
             if name in problems:
+                if not state.integration.targets:  # a broken plug-in: warned when it was loaded
+                    continue
                 state.note = problems[name]
                 if "not installed" not in problems[name]:
                     _warn_once(f"version:{name}", f"sbpatch: {problems[name]}")
@@ -300,8 +360,8 @@ def disable(*libraries: str | list[str] | tuple[str, ...]) -> None:
     original again, and shims not yet applied will not be. Shims already applied stay (they only added what was
     missing)."""
     requested = _requested(libraries)
-    names = requested if requested is not None else [*INTEGRATIONS, *(n for n in _states if n not in INTEGRATIONS)]
     with _lock:
+        names = requested if requested is not None else _names(targets=True)
         for name in names:
             state = _states.get(name)
             if state is None:
@@ -326,7 +386,7 @@ def status() -> StatusReport:
     report = StatusReport()
     report.held = freeze.held_count()
     with _lock:
-        for name in [*INTEGRATIONS, *(n for n in _states if n not in INTEGRATIONS)]:
+        for name in _names(targets=True):
             state = _state(name)
             integ = state.integration
             version = installed_version(integ) if integ.distribution else "-"
