@@ -12,10 +12,10 @@ random-initialised from a config, the token ids are random.
 from __future__ import annotations
 
 import torch
+from gcg_utils import token_gradients  # bound after sbpatch wrapped it (the start-up hook watches gcg_utils)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sbpatch
-from gcg_utils import token_gradients  # bound after sbpatch wrapped it (the start-up hook watches gcg_utils)
 
 torch.set_num_threads(1)
 torch.manual_seed(0)

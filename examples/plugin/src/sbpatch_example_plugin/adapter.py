@@ -1,6 +1,6 @@
 """The adapter: what sbpatch should wrap in ``mini_attacks``, as data. sbpatch finds it through the entry point
-``sbpatch.integrations`` declared in pyproject.toml; ``sbpatch.enable()``, ``SBPATCH=all`` and ``status()`` then treat it
-like a built-in one."""
+``sbpatch.integrations`` declared in pyproject.toml; ``sbpatch.enable()``, ``SBPATCH=all`` and ``status()`` then treat
+it like a built-in one."""
 
 from sbpatch.locate import argument, attribute
 from sbpatch.patching import Integration, Target
