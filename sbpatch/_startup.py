@@ -33,6 +33,10 @@ LIBRARIES: dict[str, str] = {
     "cleverhans": "cleverhans",
     "openattack": "OpenAttack",
     "textattack": "textattack",
+    "torchattack": "torchattack",
+    "secmlt": "secmlt",
+    "adv_lib": "adv_lib",
+    "nanogcg": "nanogcg",
 }
 
 _lock = _thread.RLock()

@@ -77,10 +77,80 @@ def gitpython_quiet() -> bool:
     return True
 
 
+def visdom_stand_in() -> bool:
+    """A stand-in ``visdom`` module for adv-lib's own import of it, only if visdom is not installed.
+
+    adv-lib 0.2.x imports visdom at the top of ``adv_lib.utils.visdom_logger`` (imported by most attack modules) but
+    uses it only when the user passes a ``VisdomLogger`` as an attack's ``callback`` for live plots. This adds a
+    finder at the end of ``sys.meta_path`` that answers ``import visdom`` only when no other finder does and the
+    importing module is one of adv-lib's; constructing a ``Visdom`` client from the stand-in raises
+    ``ModuleNotFoundError`` saying visdom is missing. The stand-in leaves ``sys.modules`` as soon as
+    ``adv_lib.utils.visdom_logger`` has imported it (that module keeps its reference), so ``import visdom`` anywhere
+    else fails as it would without sbpatch.
+    """
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    if any(getattr(f, "sbpatch_visdom_stand_in", False) for f in sys.meta_path):
+        return False
+    try:
+        if "visdom" in sys.modules or importlib.util.find_spec("visdom") is not None:
+            return False
+    except (ImportError, ValueError):
+        return False
+
+    class Visdom:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise ModuleNotFoundError(
+                "visdom is not installed (sbpatch put a stand-in in place so that adv-lib imports): "
+                "pip install visdom to plot an attack's progress",
+                name="visdom",
+            )
+
+    class Loader:
+        def create_module(self, spec: Any) -> Any:
+            module = types.ModuleType("visdom", "sbpatch stand-in for the missing visdom package (adv-lib imports it).")
+            module.Visdom = Visdom  # type: ignore[attr-defined]
+            module.__sbpatch_stand_in__ = True  # type: ignore[attr-defined]
+            return module
+
+        def exec_module(self, module: Any) -> None:
+            return None
+
+    class Finder:
+        sbpatch_visdom_stand_in = True
+
+        def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+            if fullname != "visdom":
+                return None
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+                frame = frame.f_back
+            importer = frame.f_globals.get("__name__", "") if frame is not None else ""
+            if not (isinstance(importer, str) and importer.startswith("adv_lib.")):
+                return None
+            return importlib.machinery.ModuleSpec("visdom", Loader(), origin="sbpatch stand-in")
+
+        def invalidate_caches(self) -> None:
+            return None
+
+    def remove(module: Any) -> None:
+        if getattr(sys.modules.get("visdom"), "__sbpatch_stand_in__", False):
+            del sys.modules["visdom"]
+
+    import wrapt
+
+    sys.meta_path.append(Finder())  # last: a visdom installed later is found first
+    wrapt.register_post_import_hook(remove, "adv_lib.utils.visdom_logger")
+    return True
+
+
 SHIMS: dict[str, Callable[[], bool]] = {
     "torch_zero_gradients": torch_zero_gradients,
     "scipy_status_message": scipy_status_message,
     "gitpython_quiet": gitpython_quiet,
+    "visdom_stand_in": visdom_stand_in,
 }
 
 

@@ -38,6 +38,10 @@ INTEGRATIONS: dict[str, str] = {
     "cleverhans": "sbpatch.contrib.cleverhans",
     "openattack": "sbpatch.contrib.openattack",
     "textattack": "sbpatch.contrib.textattack",
+    "torchattack": "sbpatch.contrib.torchattack",
+    "secmlt": "sbpatch.contrib.secmlt",
+    "adv_lib": "sbpatch.contrib.adv_lib",
+    "nanogcg": "sbpatch.contrib.nanogcg",
 }
 
 
@@ -234,7 +238,7 @@ def why_not(name: str) -> str | None:
 
 
 def _why_not(integration: Integration) -> str | None:
-    if not integration.targets:  # a broken plug-in
+    if not integration.targets and integration.name in _plugins:  # a broken plug-in
         return f"{integration.name}: " + (_states[integration.name].note if integration.name in _states else "broken")
     if not integration.distribution:  # named targets: no package, no version range
         return None
@@ -276,7 +280,7 @@ def enable(*libraries: str | list[str] | tuple[str, ...]) -> None:
         for name in names:
             state = _state(name)
             if name in problems:
-                if not state.integration.targets:  # a broken plug-in: warned when it was loaded
+                if name in _plugins and not state.integration.targets:  # a broken plug-in: warned when loaded
                     continue
                 state.note = problems[name]
                 if "not installed" not in problems[name]:

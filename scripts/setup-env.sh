@@ -46,5 +46,9 @@ PIP=(pip_install)
 # The text-attack libraries (tests/test_openattack.py, test_textattack.py, benchmarks/table4.py); they resolve
 # without touching torch or numpy. Their data (NLTK, embeddings, models) is never downloaded: the tests build it.
 "${PIP[@]}" "transformers<5" OpenAttack==2.1.1 textattack==0.3.11
+# Newer attack libraries (tests/test_torchattack.py, test_secmlt.py, test_adv_lib.py, test_nanogcg.py). --no-deps:
+# adv-lib declares visdom (does not build here, only used for plots: sbpatch's compat stand-in replaces it when
+# missing) and nanogcg pins transformers<=4.47.1; what they really import is installed above.
+"${PIP[@]}" --no-deps torchattack==1.7.2 secml-torch==1.5 adv-lib==0.2.8 nanogcg==0.3.0
 "${PIP[@]}" --force-reinstall --no-deps .
 "${PIP[@]}" ".[test,bench]"

@@ -28,7 +28,8 @@ def test_coverage_table_lists_every_attack(library: str):
 def test_readme_documents_every_library_and_env_value():
     assert "docs/coverage.md" in README
     for name in registry.INTEGRATIONS:
-        assert f"| {'ART' if name == 'art' else name}" in README or f'`"{name}"`' in README
+        row = f"| {'ART' if name == 'art' else name}"
+        assert row in README or f'`"{name}"`' in README or f"(`{name}`) |" in README, name
     for value in ("all", "1", "true", "0", "false", "none"):
         assert value in config.ALL_VALUES + config.OFF_VALUES
         assert f"`{value}`" in README

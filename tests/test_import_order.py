@@ -225,11 +225,11 @@ def test_env_var_off_or_other_library(value: str):
 
 
 def test_bad_env_value_prints_one_line_and_runs():
-    out = run_py(CHECK, env={"SBPATCH": "torchattack"})
+    out = run_py(CHECK, env={"SBPATCH": "torchatacks"})
     assert out.returncode == 0
     assert "PLAIN" in out.stdout
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "torchattack" in lines[0] and "torchattacks, art" in lines[0], out.stderr
+    assert len(lines) == 1 and "torchatacks" in lines[0] and "torchattacks, art" in lines[0], out.stderr
 
 
 def test_env_var_library_that_cannot_be_enabled_leaves_the_others_enabled():

@@ -103,7 +103,7 @@ def test_sbpatch_all_enables_when_a_library_is_first_imported_not_when_probed():
         "False False",
         "True",
         "True",
-        "['advertorch', 'deeprobust', 'foolbox']",
+        "['adv_lib', 'advertorch', 'deeprobust', 'foolbox']",
         "['torch_zero_gradients'] True",
     ], out.stderr
     assert out.stderr == ""
@@ -165,7 +165,7 @@ print(sorted(compat.pending()))
     lines = out.stdout.splitlines()
     assert lines[0] == "['sbpatch']", out.stderr  # imported by the start-up hook, and nothing heavy
     assert lines[1] == str(sorted(registry.INTEGRATIONS))  # every library enabled by the registry's import
-    assert lines[2] == "['advertorch', 'deeprobust', 'foolbox']", out.stderr
+    assert lines[2] == "['adv_lib', 'advertorch', 'deeprobust', 'foolbox']", out.stderr
     assert out.stderr == ""
 
 
@@ -218,7 +218,7 @@ def test_sbpatch_all_shims_and_patches_the_libraries_when_imported():
     assert lines[0] == str(
         {"advertorch": ["torch_zero_gradients"], "deeprobust": ["scipy_status_message"], "foolbox": ["gitpython_quiet"]}
     ), out.stderr
-    assert lines[1:] == ["True True True", "[] {} SourceFileLoader"], out.stderr
+    assert lines[1:] == ["True True True", "['adv_lib'] {} SourceFileLoader"], out.stderr
 
 
 def test_shims_run_before_the_import_not_when_probed_and_never_after_disable():
