@@ -25,6 +25,9 @@ import sbpatch  # noqa: E402
 from sbpatch import registry  # noqa: E402
 from sbpatch.bench.text import offline  # noqa: E402
 
+# the victims each kind of library is tested on (the contrib module's MODALITY)
+MODELS: dict[str, tuple[str, ...]] = {"image": ("cnn", "vit"), "text": ("bert", "lstm"), "llm": ("llama",)}
+
 
 def main() -> int:
     with tempfile.TemporaryDirectory() as out:
@@ -38,8 +41,7 @@ def main() -> int:
                 continue
             for line in path.read_text().splitlines():
                 o = json.loads(line)
-                if o["model"] in ("cnn", "vit", "bert", "lstm"):
-                    outcomes[name][o["attack"]][o["model"]] = (o["result"], o["error"])
+                outcomes[name][o["attack"]][o["model"]] = (o["result"], o["error"])
     offline()  # the text libraries import (and never download) offline, as in the tests
     sbpatch.enable()  # the compatibility shims, before cases() imports the libraries
     lines = [
@@ -57,9 +59,12 @@ def main() -> int:
         "succeed (sbpatch.bench.text). **not run offline** means the attack needs a download (the reason is given): it",
         "is patched like the others, but not tested here.",
         "",
+        "LLM attacks (nanoGCG) run offline on a 2-layer random `LlamaForCausalLM` with a word-level tokenizer built",
+        "locally (sbpatch.bench.llm).",
+        "",
         "Counts are over each library's attacks (the contrib module's `cases()`).",
         "",
-        "| library | identical (cnn / vit; text: bert / lstm) | library-broken | excluded |",
+        "| library | identical (cnn / vit; text: bert / lstm; LLM: llama) | library-broken | excluded |",
         "| --- | --- | --- | --- |",
     ]
     details = []
@@ -70,22 +75,27 @@ def main() -> int:
         everything = outcomes.get(name, {})
         rows = {a: r for a, r in everything.items() if a in attacks}
         scenarios = sorted(a for a in everything if a not in attacks)
-        models = ("bert", "lstm") if getattr(contrib, "MODALITY", "image") == "text" else ("cnn", "vit")
+        models = MODELS[getattr(contrib, "MODALITY", "image")]
         ident = {m: sum(1 for r in rows.values() if r.get(m, ("",))[0] == "identical") for m in models}
-        broken = sum(1 for r in rows.values() if any(v[0] == "library-broken" for v in r.values()))
-        lines.append(f"| {name} | {ident[models[0]]} / {ident[models[1]]} | {broken} | {len(integ.excluded)} |")
-        details += ["", f"## {name}", "", f"| attack | {models[0]} | {models[1]} |", "| --- | --- | --- |"]
+        broken = sum(1 for r in rows.values() if any(v[0] == "library-broken" for m, v in r.items() if m in models))
+        counts = " / ".join(str(ident[m]) for m in models)
+        lines.append(f"| {name} | {counts} | {broken} | {len(integ.excluded)} |")
+        details += ["", f"## {name}", "", f"| attack | {' | '.join(models)} |", "| --- |" + " --- |" * len(models)]
         for attack in sorted(rows):
             cells = []
             for m in models:
                 result, error = rows[attack].get(m, ("not run", ""))
                 error = re.sub(r"\S*site-packages/", "", " ".join(error.split()))  # one line, no local paths
                 cells.append(f"library-broken: `{error[:90]}`" if result == "library-broken" else result)
-            details.append(f"| {attack} | {cells[0]} | {cells[1]} |")
+            details.append(f"| {attack} | {' | '.join(cells)} |")
+        rest = " |" * (len(models) - 1)
         for target, reason in integ.excluded.items():
-            details.append(f"| {target} | excluded: {reason} | |")
+            details.append(f"| {target} | excluded: {reason} |{rest}")
         for attack, reason in getattr(contrib, "OFFLINE_UNAVAILABLE", {}).items():
-            details.append(f"| {attack} | not run offline: {reason} | |")
+            details.append(f"| {attack} | not run offline: {reason} |{rest}")
+        elsewhere = sorted((a, m, r[0]) for a, row in rows.items() for m, r in row.items() if m not in models)
+        if elsewhere:  # e.g. torchattack's ViT-only attacks, which need timm's module names
+            details += ["", "Also on other models: " + ", ".join(f"`{a}` on {m}: {r}" for a, m, r in elsewhere) + "."]
         if scenarios:
             details += ["", "Other scenarios compared the same way (wrappers, user subclasses, call shapes): "
                         + ", ".join(f"`{a}`" for a in scenarios) + "."]

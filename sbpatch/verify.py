@@ -122,6 +122,10 @@ REPRESENTATIVE: dict[str, tuple[str, ...]] = {
     "advertorch": ("PGD", "CarliniWagnerL2Attack", "LinfSPSAAttack"),
     "deeprobust": ("PGD", "DeepFool", "FGSM"),  # its query-only attacks (Onepixel, NATTACK) break on this stack
     "cleverhans": ("PGD", "carlini_wagner_l2", "spsa"),
+    "torchattack": ("PGD", "NAA", "DeepFool"),  # NAA: a feature-level attack with its own hooks
+    "secmlt": ("PGD", "CW-foolbox", "HopSkipJump-foolbox"),
+    "adv_lib": ("PGD", "ddn", "fmn"),  # autograd.grad throughout: no time gain, less memory saved for backward
+    "nanogcg": ("run", "probe sampling"),  # an LLM victim (sbpatch.bench.llm.LLMVictim): verify --model llama
     # Text libraries (a text victim, sbpatch.bench.text.TextVictim): a gradient attack, a search, a black-box one.
     "openattack": ("FD", "PWWS", "DeepWordBug"),
     "textattack": ("EmbeddingSwapGradientWIR", "EmbeddingSwapGreedyWIR", "DeepWordBugGao2018"),
@@ -207,7 +211,9 @@ def verify(
     ``inputs``: a float tensor in [0, 1] of shape (N, C, H, W); ``labels``: int64 class labels; the model returns
     logits. For the text libraries (OpenAttack, TextAttack) ``model`` is a text victim
     (:class:`sbpatch.bench.text.TextVictim`: the module, its tokenizer and word-embedding layer, and a word embedding
-    for the substitutes), ``inputs`` a list of texts and ``labels`` a list of ints. ``libraries`` defaults to every
+    for the substitutes), ``inputs`` a list of texts and ``labels`` a list of ints. For LLM attacks (nanoGCG)
+    ``model`` is an LLM victim (:class:`sbpatch.bench.llm.LLMVictim`: a causal LM, its tokenizer and attack options),
+    ``inputs`` the user message and ``labels`` the target completion. ``libraries`` defaults to every
     installed, supported one of the model's kind. ``attacks``: None for a representative set per library
     (:data:`REPRESENTATIVE`), ``"all"`` for every attack, or names (``"PGD"`` means each library's own PGD);
     a name no selected library has raises :class:`~sbpatch.errors.ConfigError` naming the valid ones. ``progress``:
@@ -215,15 +221,16 @@ def verify(
     ``requires_grad`` flags, ``.grad`` and train/eval modes are put back as they were after each attack. Libraries
     that were not enabled are enabled for the run and disabled again afterwards.
     """
+    from sbpatch.bench.llm import is_llm_victim
     from sbpatch.bench.workloads import image_libraries, modality
 
     _check_model(model)
     # The libraries of the model's kind: a text victim (sbpatch.bench.text.TextVictim: .model, .tokenizer,
     # .embedding, .words, .vectors) goes to the text libraries, anything else to the image ones.
-    kind = "text" if _is_text_victim(model) else "image"
+    kind = "text" if _is_text_victim(model) else "llm" if is_llm_victim(model) else "image"
     names = registry.check_names(list(libraries)) if libraries else image_libraries()
-    if kind == "text" and not libraries:
-        names = [n for n in registry.INTEGRATIONS if modality(n) == "text"]
+    if kind != "image" and not libraries:
+        names = [n for n in registry.INTEGRATIONS if modality(n) == kind]
     other = [n for n in names if modality(n) != kind]
     names = [n for n in names if n not in other]
     if isinstance(attacks, str) and attacks != "all":
@@ -234,6 +241,10 @@ def verify(
         report.notes.append(f"skipped {', '.join(other)}: not {kind} attack libraries")
     cases: dict[str, dict[str, Any]] = {}
     enabled_here = []
+    import torch
+
+    # nanoGCG's run(seed=...) turns on deterministic algorithms for the rest of the process: put the flags back
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         for name in names:
             if registry.why_not(name) is not None:
@@ -267,12 +278,13 @@ def verify(
                 bar.done(result)
         finally:
             bar.close()
-        module = model.model if _is_text_victim(model) else model
+        module = _module(model)
         if hasattr(module, "named_parameters"):
             report.kept_live = kept_in(module)
     finally:
         for name in enabled_here:
             registry.disable(name)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     return report
 
 
@@ -280,7 +292,7 @@ def _check_model(model: Any) -> None:
     """Raise a TypeError naming what verify() accepts unless ``model`` is an ``nn.Module`` or a text victim of one."""
     import torch
 
-    module = model.model if _is_text_victim(model) else model
+    module = _module(model)
     if not isinstance(module, torch.nn.Module):
         what = f"{type(model).__name__} {model!r:.80}"
         if module is not model:
@@ -295,11 +307,26 @@ def _is_text_victim(model: Any) -> bool:
     return all(hasattr(model, a) for a in ("model", "tokenizer", "embedding", "words", "vectors"))
 
 
+def _module(victim: Any) -> Any:
+    """The ``nn.Module`` inside a text or LLM victim, or the model itself."""
+    from sbpatch.bench.llm import is_llm_victim
+
+    return victim.model if _is_text_victim(victim) or is_llm_victim(victim) else victim
+
+
+def _build(build: Any, victim: Any, x: Any, y: Any, steps: int) -> Any:
+    from sbpatch.bench.llm import is_llm_victim
+
+    if is_llm_victim(victim):  # builder(model, tokenizer, message, target, steps, **config)
+        return build(victim.model, victim.tokenizer, x, y, steps, **victim.config)
+    return build(victim, x, y, steps)
+
+
 def _one(library: str, attack: str, build: Any, victim: Any, x: Any, y: Any, steps: int, seed: int) -> VerifyResult:
-    model = victim.model if _is_text_victim(victim) else victim  # the nn.Module whose state is checked
+    model = _module(victim)  # the nn.Module whose state is checked
     state = _state(model)
     try:
-        run = build(victim, x, y, steps)
+        run = _build(build, victim, x, y, steps)
         seed_all(seed)
         start = time.perf_counter()
         with paused():
@@ -379,13 +406,15 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``sbpatch verify``."""
+    from sbpatch.bench.llm import LLM_MODELS
     from sbpatch.bench.text import TEXT_MODELS
     from sbpatch.bench.workloads import MODELS
     from sbpatch.cli import library_list
 
-    parser.add_argument("--model", choices=MODELS + TEXT_MODELS, default="cnn",
-                        help="a random-initialised image model, or a small text classifier trained offline for a "
-                        "few seconds (bert, lstm: the text libraries' attacks)")
+    parser.add_argument("--model", choices=MODELS + TEXT_MODELS + LLM_MODELS, default="cnn",
+                        help="a random-initialised image model, a small text classifier trained offline for a "
+                        "few seconds (bert, lstm: the text libraries' attacks), or a small random Llama with an "
+                        "offline tokenizer (llama: nanoGCG)")
     parser.add_argument("--batch-size", type=_positive, default=4, help="images (texts) per attack call")
     parser.add_argument("--image-size", type=_positive, default=32, help="pixels (vit_b_16: a multiple of 16)")
     parser.add_argument("--steps", type=_positive, default=2, help="iterations of iterative attacks")
@@ -434,9 +463,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from sbpatch.bench.llm import LLM_MODELS
     from sbpatch.bench.text import TEXT_MODELS
 
-    if args.model in TEXT_MODELS:
+    if args.model in LLM_MODELS:
+        from sbpatch.bench.llm import llm_victim
+
+        model = llm_victim(args.model)
+        x, y = model.message, model.target  # --batch-size and --image-size do not apply
+    elif args.model in TEXT_MODELS:
         from sbpatch.bench.text import offline, text_victim
 
         offline()  # the text libraries import without any download

@@ -24,6 +24,9 @@ PGD_NAMES: dict[str, tuple[str, ...]] = {
     "advertorch": ("LinfPGDAttack",),
     "deeprobust": ("PGD",),
     "cleverhans": ("projected_gradient_descent",),
+    "torchattack": ("PGD",),
+    "secmlt": ("PGD-native",),
+    "adv_lib": ("pgd_linf",),
 }
 
 # Attacks where freezing matters in torchattacks (they call loss.backward()); its PGD uses autograd.grad.
