@@ -93,6 +93,10 @@ BIAS_REASON = (
     "its CPU flash kernel"
 )
 _BIAS_NAMES = ("relative_position", "rel_pos")
+BN_REASON = (
+    "batch norm in eval mode on a CUDA input: with no affine parameter requiring grad, CUDA's backward takes an "
+    "elementwise-only kernel, which rounds differently from the fused reduction kernel it runs as shipped"
+)
 
 
 def _bump(*_: Any) -> None:
@@ -166,6 +170,8 @@ def builtin_rules() -> dict[str, str]:
         "foldable (batch_first=True) and no fused kernel (oneDNN LSTM, cuDNN) runs",
         "parameters named *relative_position* / *rel_pos*": "always live: they feed attention masks, and a mask "
         "that requires grad keeps scaled_dot_product_attention off its CPU flash kernel",
+        "torch.nn.modules.batchnorm._BatchNorm": "bias (else weight) live when it runs in eval mode on a CUDA input "
+        "that requires grad (CUDA's backward kernel changes when no affine parameter requires grad)",
     }
 
 
@@ -240,12 +246,14 @@ class Holder:
 class Group:
     """Parameters frozen together (one module's, cached), by weak reference, and their current holders."""
 
-    __slots__ = ("__weakref__", "holders", "key", "kept", "owned", "probes", "refs")
+    __slots__ = ("__weakref__", "cuda_probes", "holders", "key", "kept", "owned", "probes", "refs")
 
     def __init__(self, params: Iterable[Any], kept: Iterable[Any] = ()) -> None:
         self.refs = tuple(map(weakref.ref, params))  # to freeze
         self.kept = tuple(map(weakref.ref, kept))  # kept live by the rules: .grad set aside
         self.probes: tuple[tuple[Any, _Probe], ...] = ()  # (weakref to submodule, its pre-hook)
+        # probes that matter only on CUDA (batch norm), installed only when the first one's module is on CUDA
+        self.cuda_probes: tuple[tuple[Any, _Probe], ...] = ()
         self.holders: set[Holder] = set()
         self.owned: list[Any] = []  # parameters this group set to False while exclusive
         self.key = ("sbpatch", id(self))
@@ -254,9 +262,9 @@ class Group:
 class _Probe:
     """Forward pre-hook installed during a frozen call: makes weights live when the input would change the kernel.
 
-    ``kind``: "linear" (the layer's input), "mha" (query, key, value) or "rnn" (the time-major input of the first
-    layer's input projection). ``paths``: where the weights to make live are, relative to the module (a
-    parametrized weight's originals included).
+    ``kind``: "linear" (the layer's input), "mha" (query, key, value), "rnn" (the time-major input of the first
+    layer's input projection) or "bn" (batch norm on CUDA: one affine parameter). ``paths``: where the weights to make
+    live are, relative to the module (a parametrized weight's originals included).
     """
 
     __slots__ = ("group", "has_bias", "kind", "name", "paths")
@@ -274,6 +282,20 @@ class _Probe:
             return None
         tensor = _torch.Tensor
         kind = self.kind
+        if kind == "bn":
+            x = args[0] if args else kwargs.get("input")
+            if (isinstance(x, tensor) and x.is_cuda and x.requires_grad and not module.training
+                    and module.running_mean is not None):
+                for path in self.paths:  # ("bias", "weight"): one live affine parameter keeps the fused kernel
+                    p = getattr(module, path, None)
+                    if p is None:
+                        continue
+                    if p.requires_grad:
+                        break
+                    if p.is_leaf and _frozen_by_sbpatch(p):
+                        _for_dynamo(_promote)(p, f"{self.name}.{path}", BN_REASON)
+                        break
+            return None
         if kind == "mha":
             inputs = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")[len(args) :]]
         else:
@@ -388,7 +410,9 @@ def _module_group(module: Any) -> Group:
     kept_: list[Any] = []
     kept_why: list[tuple[str, str]] = []
     probes: list[tuple[Any, str, tuple[str, ...], bool, str]] = []
+    cuda_probes: list[tuple[Any, str, tuple[str, ...], bool, str]] = []
     rnn = torch.nn.RNNBase
+    batch_norm = torch.nn.modules.batchnorm._BatchNorm
     learned = _learned
     # TransformerEncoderLayer takes its fused fast path only when no submodule has a hook: a probe there would change
     # the kernel it runs. Its Linears see the contiguous output of attention and norm (nothing to probe).
@@ -417,6 +441,8 @@ def _module_group(module: Any) -> Group:
         elif isinstance(sub, rnn):
             paths = tuple(n for n in ("weight_ih_l0", "weight_ih_l0_reverse") if n in sub._parameters)
             probes.append((sub, prefix[:-1], paths, bool(sub.bias), "rnn"))
+        elif isinstance(sub, batch_norm) and sub.affine and id(sub) not in no_probe:
+            cuda_probes.append((sub, prefix[:-1], ("bias", "weight"), True, "bn"))
         params = sub._parameters
         if user:
             for name in user - set(params):
@@ -442,6 +468,7 @@ def _module_group(module: Any) -> Group:
                 frozen_.append(p)
     group = Group(frozen_, kept_)
     group.probes = tuple((weakref.ref(sub), _Probe(group, *spec)) for sub, *spec in probes)
+    group.cuda_probes = tuple((weakref.ref(sub), _Probe(group, *spec)) for sub, *spec in cuda_probes)
     for name, reason in kept_why:
         _note_kept(name, reason)
     try:
@@ -565,12 +592,14 @@ def collect(targets: Iterable[Any], keep: Iterable[Any] = ()) -> list[Group]:
     kept: list[Any] = []
     seen: set[int] = set()
     probes: list[tuple[Any, _Probe]] = []
+    cuda_probes: list[tuple[Any, _Probe]] = []
     for r in roots:
         if isinstance(r, module_type):
             group = _module_group(r)
             members = [p for p in map(_deref, group.refs) if p is not None]
             kept_members = [p for p in map(_deref, group.kept) if p is not None]
             probes.extend(group.probes)
+            cuda_probes.extend(group.cuda_probes)
         else:
             members, kept_members = [r], []
         for p in members:
@@ -586,6 +615,9 @@ def collect(targets: Iterable[Any], keep: Iterable[Any] = ()) -> list[Group]:
         params = [p for p in params if id(p) not in kept_ids]
     group = Group(params, kept)
     group.probes = tuple((sub, _Probe(group, pr.name, pr.paths, pr.has_bias, pr.kind)) for sub, pr in probes)
+    group.cuda_probes = tuple(
+        (sub, _Probe(group, pr.name, pr.paths, pr.has_bias, pr.kind)) for sub, pr in cuda_probes
+    )
     return [group]
 
 
@@ -790,7 +822,10 @@ def _freeze(group: Group) -> None:
             _guards[key] = [p, {group}, p.grad]
             p.grad = None
     key = group.key
-    for ref, probe in group.probes:
+    probes = group.probes
+    if group.cuda_probes and _on_cuda(group.cuda_probes[0][0]()):
+        probes = probes + group.cuda_probes
+    for ref, probe in probes:
         sub = ref()
         if sub is not None:
             hooks = sub._forward_pre_hooks
@@ -799,6 +834,14 @@ def _freeze(group: Group) -> None:
                 hooks.move_to_end(key, last=False)
             sub._forward_pre_hooks_with_kwargs[key] = True
     _watch(True)
+
+
+def _on_cuda(module: Any) -> bool:
+    """Whether ``module``'s first parameter lives on a CUDA device (checked at each frozen call: models move)."""
+    for p in () if module is None else module._parameters.values():
+        if p is not None:
+            return bool(p.is_cuda)
+    return False
 
 
 def _migrate(group: Group) -> None:
@@ -832,7 +875,12 @@ def _unfreeze(group: Group) -> None:
     if _active <= {group}:
         _watch(False)
     key = group.key
-    for ref, _ in group.probes:
+    probes = group.probes
+    if group.cuda_probes:  # installed only on CUDA: look at the first one
+        first = group.cuda_probes[0][0]()
+        if first is not None and key in first._forward_pre_hooks:
+            probes = probes + group.cuda_probes
+    for ref, _ in probes:
         sub = ref()
         if sub is not None:
             sub._forward_pre_hooks.pop(key, None)

@@ -395,3 +395,22 @@ def test_no_probe_inside_a_fast_path_encoder_layer():
         seen = [len(m._forward_pre_hooks) for m in encoder.modules()]
         got = encoder(x)
     assert not any(seen) and torch.equal(expected, got)
+
+
+def test_batch_norm_cuda_rule_costs_nothing_on_cpu():
+    """The batch-norm rule (CUDA only: benchmarks/results/gpu/gpu_exactness.md) installs no probe on a CPU model:
+    the frozen call runs exactly the hooks it ran before, and nothing is kept live."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    group = freeze._module_group(model)
+    assert len(group.cuda_probes) == len(norms) == 20
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    with sbpatch.frozen(model):
+        hooked = [m for m in norms if m._forward_pre_hooks]
+        torch.nn.functional.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+    assert hooked == []
+    assert all(not m._forward_pre_hooks for m in norms)
+    assert x.grad is not None and all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert freeze.kept_in(model) == {}
