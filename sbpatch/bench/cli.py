@@ -7,6 +7,7 @@ namespace. This module imports neither torch nor any attack library until :func:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -168,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         return _error("--device cuda: CUDA is not available here (valid choices on this machine: cpu)")
+    if args.device == "cuda":  # deterministic cuBLAS for the identity round (read when cuBLAS starts)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -242,6 +243,8 @@ def run_row(
     try:
         for i in range(settings.warmup + settings.repeats):
             timed = i >= settings.warmup
+            if cuda:  # round 0 (the identity check) with deterministic kernels; the rest as the user runs them
+                _deterministic(i == 0)
             # The warm-up round runs in the canonical order (shipped first: the reference output); timed rounds
             # rotate the order so no column always follows the same neighbour.
             shift = 0 if i == 0 else i % len(COLUMNS)
@@ -265,8 +268,16 @@ def run_row(
         result.note = f"{label}: {type(exc).__name__}: {exc}"[:300]
         _reset(model)
         return result
+    finally:
+        if cuda:
+            _deterministic(False)
     if not result.deterministic:
-        result.identical = _identical_single_thread(calls, one, result)
+        if cuda:  # differs from itself even with deterministic kernels: nothing to compare against
+            result.identical = None
+            result.note = ("as shipped differs from itself with deterministic CUDA kernels (same seeds): the library "
+                           "is not deterministic here, so identity cannot be judged")
+        else:
+            result.identical = _identical_single_thread(calls, one, result)
     if settings.memory:
         for name in COLUMNS:
             columns[name].memory = measure_memory(model, calls[name], settings.device)
@@ -276,6 +287,30 @@ def run_row(
     if result.engaged is False and not result.note:
         result.note = "sbpatch did not freeze this call (library not patched or model not located)"
     return result
+
+
+_user_deterministic: tuple[bool, bool, bool] | None = None
+
+
+def _deterministic(on: bool) -> None:
+    """CUDA: deterministic kernels on (cuDNN's deterministic algorithms, ``use_deterministic_algorithms`` warning
+    only), or the user's settings back. Atomics-based CUDA kernels (cuDNN convolution backward, efficient attention
+    backward) make a model differ from itself from one call to the next; the identity check must not read that as
+    sbpatch's difference. The timed rounds run with the user's settings."""
+    global _user_deterministic
+    if on:
+        if _user_deterministic is None:
+            _user_deterministic = (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+                                   torch.is_deterministic_algorithms_warn_only_enabled())
+        torch.backends.cudnn.deterministic = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+    elif _user_deterministic is not None:
+        cudnn, enabled, warn_only = _user_deterministic
+        torch.backends.cudnn.deterministic = cudnn
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        _user_deterministic = None
 
 
 def _identical_single_thread(calls: dict[str, Callable[[], Any]], one: Callable[..., Any], result: RowResult) -> Any:

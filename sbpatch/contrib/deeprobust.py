@@ -60,9 +60,10 @@ INTEGRATION = Integration(
 def cases() -> dict[str, Callable[..., Callable[[], Any]]]:
     """One builder per attack: ``builder(model, x, y, steps)`` -> a zero-argument call of the attack.
 
-    Every deeprobust attack defaults to ``device='cuda'``: the builders pass ``'cpu'``. DeepFool, CarliniWagner,
-    LBFGS, Onepixel and BPDA_attack handle one image: they get the first one. Calls that print their progress return
-    ``(result, printed text)``; NATTACK (MNIST's 1x28x28 only) returns None, so what it printed is its output.
+    Every deeprobust attack defaults to ``device='cuda'`` and moves the model there: the builders pass the inputs'
+    device. DeepFool, CarliniWagner, LBFGS, Onepixel and BPDA_attack handle one image: they get the first one.
+    Calls that print their progress return ``(result, printed text)``; NATTACK (MNIST's 1x28x28 only) returns None,
+    so what it printed is its output.
     CarliniL2 returns ``(images, optimised latent)``. LBFGS differentiates by finite differences (one forward pass
     per input element per gradient): keep its inputs tiny.
     """
@@ -111,20 +112,20 @@ def cases() -> dict[str, Callable[..., Callable[[], Any]]]:
             return self.model(x)
 
     def fgsm_(model: Any, x: Any, y: Any, steps: int) -> Callable[[], Any]:
-        attack = fgsm.FGSM(model, device="cpu")
+        attack = fgsm.FGSM(model, device=x.device.type)
         return lambda: attack.generate(x, y, epsilon=0.03, clip_min=0.0, clip_max=1.0)
 
     def pgd_(model: Any, x: Any, y: Any, steps: int) -> Callable[[], Any]:
-        attack = pgd.PGD(model, device="cpu")
+        attack = pgd.PGD(model, device=x.device.type)
         return lambda: attack.generate(x, y, epsilon=0.03, num_steps=steps, step_size=0.01)
 
     def deepfool_(model: Any, x: Any, y: Any, steps: int) -> Callable[[], Any]:
-        attack = deepfool.DeepFool(model, device="cpu")
+        attack = deepfool.DeepFool(model, device=x.device.type)
         k = n_classes(model, x)
         return lambda: attack.generate(x[:1], y[:1], num_classes=k, max_iteration=steps)
 
     def carlini_wagner(model: Any, x: Any, y: Any, steps: int) -> Callable[[], Any]:
-        attack = cw.CarliniWagner(WithLogits(model), device="cpu")
+        attack = cw.CarliniWagner(WithLogits(model), device=x.device.type)
         k = n_classes(model, x)
         target = (int(y[0]) + 1) % k
         return printed(
@@ -134,7 +135,7 @@ def cases() -> dict[str, Callable[..., Callable[[], Any]]]:
         )
 
     def lbfgs_(model: Any, x: Any, y: Any, steps: int) -> Callable[[], Any]:
-        attack = lbfgs.LBFGS(model, device="cpu")
+        attack = lbfgs.LBFGS(model, device=x.device.type)
         k = n_classes(model, x)
         # The runner-up class, and a coarse c grid: its search for c doubles c up to 30 times while the target is
         # reached, then bisects down to `epsilon`, each step a finite-difference L-BFGS-B (193 forwards a gradient).
@@ -144,11 +145,11 @@ def cases() -> dict[str, Callable[..., Callable[[], Any]]]:
         )
 
     def one_pixel(model: Any, x: Any, y: Any, steps: int) -> Callable[[], Any]:
-        attack = onepixel.Onepixel(model, device="cpu")
+        attack = onepixel.Onepixel(model, device=x.device.type)
         return lambda: attack.generate(x[:1], y[:1], pixels=1, maxiter=steps, popsize=5, print_log=False)
 
     def nattack(model: Any, x: Any, y: Any, steps: int) -> Callable[[], Any]:
-        attack = NATTACK(model, device="cpu")
+        attack = NATTACK(model, device=x.device.type)
         with torch.no_grad():
             labels = model(x).argmax(1)  # it skips the images the model gets wrong: attack the predicted labels
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=1)
@@ -160,7 +161,7 @@ def cases() -> dict[str, Callable[..., Callable[[], Any]]]:
     def carlini_l2(model: Any, x: Any, y: Any, steps: int) -> Callable[[], Any]:
         gan = generator(x)
         k = n_classes(model, x)
-        attack = CarliniL2(model, device="cpu")
+        attack = CarliniL2(model, device=x.device.type)
         attack.parse_params(gan, binary_search_steps=1, max_iterations=steps, learning_rate=0.01)
         start = torch.zeros(len(x), 4)
         # As shipped it crashes at its end (np.array over l2 tensors that require grad) once it finds an adversarial
@@ -176,7 +177,7 @@ def cases() -> dict[str, Callable[..., Callable[[], Any]]]:
         return run
 
     def fast_pgd(model: Any, x: Any, y: Any, steps: int) -> Callable[[], Any]:
-        attack = FASTPGD(eps=0.03, sigma=0.01, nb_iter=steps, DEVICE=torch.device("cpu"))
+        attack = FASTPGD(eps=0.03, sigma=0.01, nb_iter=steps, DEVICE=x.device)
         return lambda: attack.attack(model, x.clone(), y)  # it sets requires_grad on its input: give it a copy
 
     def bpda(model: Any, x: Any, y: Any, steps: int) -> Callable[[], Any]:
