@@ -155,3 +155,16 @@ def test_verify_rejects_a_text_victim_without_a_module():
     victim = SimpleNamespace(model="bert", tokenizer=None, embedding=None, words=[], vectors=None)
     with pytest.raises(TypeError, match=r"text victim whose \.model is str 'bert'"):
         sbpatch.verify(victim, ["a text"], [0], progress=False)
+
+
+def test_the_benchmark_modules_and_verify_do_not_import_each_other():
+    """verify imports the benchmark's victims; the benchmark compares outputs with sbpatch.compare, not verify."""
+    code = "import sys, sbpatch.bench.text, sbpatch.bench.runner; print('sbpatch.verify' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+    import importlib
+
+    from sbpatch import compare
+
+    verify = importlib.import_module("sbpatch.verify")  # the module (sbpatch.verify is also the function)
+    assert verify.identical is compare.identical and verify.seed_all is compare.seed_all

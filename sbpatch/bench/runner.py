@@ -22,7 +22,7 @@ import torch
 import sbpatch
 from sbpatch import registry
 from sbpatch.bench.workloads import Builder, Row
-from sbpatch.verify import identical, seed_all
+from sbpatch.compare import identical, seed_all
 
 COLUMNS: tuple[str, ...] = ("shipped", "oneliner", "sbpatch", "limit")
 LABELS: dict[str, str] = {"shipped": "as shipped", "oneliner": "one-liner", "sbpatch": "sbpatch", "limit": "limit"}

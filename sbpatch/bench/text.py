@@ -330,7 +330,7 @@ def measure_text(victim: TextVictim, run: Any, library: str, repeats: int, devic
 
     from sbpatch import registry
     from sbpatch.bench.runner import measure_memory
-    from sbpatch.verify import identical, seed_all
+    from sbpatch.compare import identical, seed_all
 
     calls = text_columns(victim, run)
     model = victim.model
