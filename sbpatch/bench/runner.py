@@ -244,7 +244,7 @@ def run_row(
         for i in range(settings.warmup + settings.repeats):
             timed = i >= settings.warmup
             if cuda:  # round 0 (the identity check) with deterministic kernels; the rest as the user runs them
-                _deterministic(i == 0)
+                deterministic_kernels(i == 0)
             # The warm-up round runs in the canonical order (shipped first: the reference output); timed rounds
             # rotate the order so no column always follows the same neighbour.
             shift = 0 if i == 0 else i % len(COLUMNS)
@@ -270,7 +270,7 @@ def run_row(
         return result
     finally:
         if cuda:
-            _deterministic(False)
+            deterministic_kernels(False)
     if not result.deterministic:
         if cuda:  # differs from itself even with deterministic kernels: nothing to compare against
             result.identical = None
@@ -292,7 +292,7 @@ def run_row(
 _user_deterministic: tuple[bool, bool, bool] | None = None
 
 
-def _deterministic(on: bool) -> None:
+def deterministic_kernels(on: bool) -> None:
     """CUDA: deterministic kernels on (cuDNN's deterministic algorithms, ``use_deterministic_algorithms`` warning
     only), or the user's settings back. Atomics-based CUDA kernels (cuDNN convolution backward, efficient attention
     backward) make a model differ from itself from one call to the next; the identity check must not read that as
