@@ -35,6 +35,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from itertools import chain
 from typing import Any
 
 from sbpatch.errors import SbpatchWarning
@@ -188,10 +189,11 @@ def kept_in(module: Any) -> dict[str, str]:
     kept = {id(p) for p in map(_deref, group.kept) if p is not None}
     root = type(module).__name__
     with _lock:
+        aliased = {key for key, (ref, _) in _aliased.items() if ref() is not None}
         return {
             name: _kept_log.get(f"{root}.{name}", "kept live")
             for name, p in module.named_parameters()
-            if id(p) in kept
+            if id(p) in kept or id(p) in aliased
         }
 
 
@@ -246,7 +248,10 @@ class Holder:
 class Group:
     """Parameters frozen together (one module's, cached), by weak reference, and their current holders."""
 
-    __slots__ = ("__weakref__", "cuda_probes", "holders", "key", "kept", "owned", "probes", "refs")
+    __slots__ = (
+        "__weakref__", "cuda_probes", "dicts", "holders", "key", "kept", "lens", "mids", "owned", "probes", "quiet",
+        "refs",
+    )
 
     def __init__(self, params: Iterable[Any], kept: Iterable[Any] = ()) -> None:
         self.refs = tuple(map(weakref.ref, params))  # to freeze
@@ -254,9 +259,16 @@ class Group:
         self.probes: tuple[tuple[Any, _Probe], ...] = ()  # (weakref to submodule, its pre-hook)
         # probes that matter only on CUDA (batch norm), installed only when the first one's module is on CUDA
         self.cuda_probes: tuple[tuple[Any, _Probe], ...] = ()
+        # modules whose fused fast path is chosen only when no torch function mode is active (operands.py): the mode
+        # is set aside while they run
+        self.quiet: tuple[tuple[Any, _Quiet], ...] = ()
         self.holders: set[Holder] = set()
         self.owned: list[Any] = []  # parameters this group set to False while exclusive
         self.key = ("sbpatch", id(self))
+        # what the module tree looked like when the group was built (see _unchanged)
+        self.dicts: tuple[dict, ...] = ()
+        self.lens: list[int] = []
+        self.mids: list[int] = []
 
 
 class _Probe:
@@ -308,7 +320,7 @@ class _Probe:
                     return None
                 if module.batch_first:
                     x = x.transpose(0, 1)
-            if not _foldable(x, self.has_bias):
+            if not foldable(x, self.has_bias):
                 template = {"linear": FOLD_REASON, "mha": MHA_FOLD_REASON, "rnn": RNN_REASON}[kind]
                 reason = template.format(dim=x.dim(), shape=tuple(x.shape), strides=tuple(x.stride()))
                 for path in self.paths:
@@ -329,6 +341,78 @@ class _Probe:
         return (_inert_probe, ())
 
 
+class _Quiet:
+    """Forward pre-hook and always-called forward hook (``kind``) that set sbpatch's torch function mode aside while
+    a module runs whose fast path (``torch._native_multi_head_attention``, the fused encoder layer) is refused when
+    any mode is active. Their in-projections are kept live statically, so the mode has nothing to do inside."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __call__(self, module: Any, *_: Any) -> None:
+        from sbpatch import operands
+
+        (operands.quiet_begin if self.kind == "pre" else operands.quiet_end)(module)
+        return None
+
+    def __deepcopy__(self, memo: dict) -> _Quiet:
+        return self
+
+    def __copy__(self) -> _Quiet:
+        return self
+
+    def __reduce__(self) -> Any:
+        return (_inert_probe, ())
+
+
+def _scripted_keeps(module: Any) -> dict[int, tuple[Any, str]]:
+    """The parameters of TorchScript submodules that feed a product inside their graphs (operands.py)."""
+    script = getattr(_torch.jit, "ScriptModule", None)
+    keeps: dict[int, tuple[Any, str]] = {}
+    if script is None:
+        return keeps
+    inside: set[int] = set()
+    for sub in module.modules():
+        if isinstance(sub, script) and id(sub) not in inside:
+            inside.update(id(m) for m in sub.modules())
+            keeps.update(_operands().scripted_matmul_weights(sub))
+    return keeps
+
+
+def _fast_path_scopes(module: Any) -> tuple[list[Any], set[int]]:
+    """Where torch decides a fused fast path by ``has_torch_function`` (which any active mode makes true): the
+    modules during which the mode is set aside, and the ids of the modules inside a fused encoder layer, where no
+    hook may be added (the layer refuses its fast path when any submodule has one)."""
+    nn = _torch.nn
+    named = dict(module.named_modules())
+    no_probe = {
+        id(m)
+        for layer in named.values()
+        if isinstance(layer, nn.TransformerEncoderLayer) and layer.self_attn.batch_first
+        for m in layer.modules()
+    }
+    quiet: list[Any] = []
+    covered: set[int] = set()
+    for name, sub in named.items():
+        if id(sub) in covered:
+            continue
+        scope = None
+        if isinstance(sub, nn.TransformerEncoder):
+            scope = sub
+        elif isinstance(sub, nn.TransformerEncoderLayer) and sub.self_attn.batch_first:
+            scope = named.get(name.rpartition(".")[0]) if name else None  # its parent: no hook on the layer itself
+        elif isinstance(sub, nn.MultiheadAttention) and sub.batch_first and id(sub) not in no_probe:
+            scope = sub
+        if scope is not None and all(scope is not q for q in quiet):
+            quiet.append(scope)
+            covered.update(id(m) for m in scope.modules())
+    return quiet, no_probe
+
+
+_QUIET_PRE = _Quiet("pre")
+_QUIET_POST = _Quiet("post")
 _dynamo_safe: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
@@ -383,7 +467,7 @@ def _noop(*_: Any) -> None:
     return None
 
 
-def _foldable(x: Any, has_bias: bool) -> bool:
+def foldable(x: Any, has_bias: bool) -> bool:
     """Whether ``F.linear(x, w)`` runs the same kernel whatever ``w.requires_grad`` is (torch's ``should_fold``)."""
     dim = x.dim()
     if dim < 3:
@@ -399,10 +483,10 @@ def _foldable(x: Any, has_bias: bool) -> bool:
 def _module_group(module: Any) -> Group:
     """The cached :class:`Group` of ``module``: its parameters, de-duplicated, split by the rules."""
     cached = _param_cache.get(module)
-    if cached is not None and cached[0] == _generation and _hooks_installed:
+    if cached is not None and cached[0] == _generation and _hooks_installed and _unchanged(cached[1]):
         return cached[1]
     torch = _ensure_torch()
-    linear, mha = torch.nn.Linear, torch.nn.MultiheadAttention
+    mha = torch.nn.MultiheadAttention
     generation = _generation
     root = type(module).__name__
     seen: set[int] = set()
@@ -414,34 +498,21 @@ def _module_group(module: Any) -> Group:
     rnn = torch.nn.RNNBase
     batch_norm = torch.nn.modules.batchnorm._BatchNorm
     learned = _learned
-    # TransformerEncoderLayer takes its fused fast path only when no submodule has a hook: a probe there would change
-    # the kernel it runs. Its Linears see the contiguous output of attention and norm (nothing to probe).
-    no_probe = {
-        id(m)
-        for layer in module.modules()
-        if isinstance(layer, torch.nn.TransformerEncoderLayer) and layer.self_attn.batch_first
-        for m in layer.modules()
-    }
+    quiet, no_probe = _fast_path_scopes(module)
+    scripted = _scripted_keeps(module)
     for mname, sub in module.named_modules():
         user = _kept_names(type(sub))
         static: tuple[str, ...] = ()
         prefix = f"{root}.{mname}." if mname else f"{root}."
         if isinstance(sub, mha):
-            present = tuple(n for n in _MHA_WEIGHTS if getattr(sub, n, None) is not None)
             if sub.batch_first:
-                static = present
-            elif present and id(sub) not in no_probe:
-                probes.append((sub, prefix[:-1], present, sub.in_proj_bias is not None, "mha"))
+                static = tuple(n for n in _MHA_WEIGHTS if getattr(sub, n, None) is not None)
         elif id(sub) in no_probe:
             pass
-        elif isinstance(sub, linear):
-            paths = _weight_paths(sub)
-            if paths:
-                probes.append((sub, prefix[:-1], paths, sub.bias is not None, "linear"))
         elif isinstance(sub, rnn):
             paths = tuple(n for n in ("weight_ih_l0", "weight_ih_l0_reverse") if n in sub._parameters)
             probes.append((sub, prefix[:-1], paths, bool(sub.bias), "rnn"))
-        elif isinstance(sub, batch_norm) and sub.affine and id(sub) not in no_probe:
+        elif isinstance(sub, batch_norm) and sub.affine:
             cuda_probes.append((sub, prefix[:-1], ("bias", "weight"), True, "bn"))
         params = sub._parameters
         if user:
@@ -458,6 +529,9 @@ def _module_group(module: Any) -> Group:
             elif name in static:
                 kept_.append(p)
                 kept_why.append((qualified, MHA_REASON))
+            elif id(p) in scripted:
+                kept_.append(p)
+                kept_why.append((qualified, scripted[id(p)][1]))
             elif any(b in qualified for b in _BIAS_NAMES):
                 kept_.append(p)
                 kept_why.append((qualified, BIAS_REASON))
@@ -467,7 +541,9 @@ def _module_group(module: Any) -> Group:
             else:
                 frozen_.append(p)
     group = Group(frozen_, kept_)
+    _fingerprint(group, module)
     group.probes = tuple((weakref.ref(sub), _Probe(group, *spec)) for sub, *spec in probes)
+    group.quiet = tuple((weakref.ref(sub), _QUIET_PRE) for sub in quiet)
     group.cuda_probes = tuple((weakref.ref(sub), _Probe(group, *spec)) for sub, *spec in cuda_probes)
     for name, reason in kept_why:
         _note_kept(name, reason)
@@ -476,6 +552,29 @@ def _module_group(module: Any) -> Group:
     except TypeError:  # not weak-referenceable
         pass
     return group
+
+
+def _fingerprint(group: Group, module: Any) -> None:
+    """Remember the module tree's ``_modules`` and ``_parameters`` dicts, their sizes, and which submodules they hold.
+    Torch's registration hooks bump the generation on ``register_parameter``/``add_module``/attribute writes; this
+    catches what bypasses them: ``Sequential.insert``, ``ModuleList.insert``, ``_modules[k] = m``,
+    ``_parameters[k] = p``, ``del``."""
+    modules = list(module.modules())
+    dicts = [m._modules for m in modules] + [m._parameters for m in modules]
+    group.dicts = tuple(d for d in dicts if isinstance(d, dict))  # a TorchScript module's are not dicts
+    group.lens = list(map(len, group.dicts))
+    group.mids = list(map(id, chain.from_iterable(map(dict.values, group.dicts))))
+
+
+def _unchanged(group: Group) -> bool:
+    """Whether the module tree still has the sizes and submodules it had when ``group`` was built (a few
+    microseconds per call: two C-level passes over the dicts, no Python loop)."""
+    try:
+        return list(map(id, chain.from_iterable(map(dict.values, group.dicts)))) == group.mids and list(
+            map(len, group.dicts)
+        ) == group.lens
+    except RuntimeError:  # another thread is changing the model right now
+        return False
 
 
 def _warn_rule(cls: type, name: str, present: Iterable[str]) -> None:
@@ -726,9 +825,12 @@ def _param_reduce_ex(self: Any, proto: Any) -> Any:
     return rebuild, args
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_always_called")
+
+
 def _module_getstate(self: Any) -> Any:
     state = _copy_originals[(_torch.nn.Module, "__getstate__")](self)
-    for name in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+    for name in _HOOK_DICTS:
         hooks = state.get(name) if isinstance(state, dict) else None
         if hooks and any(isinstance(k, tuple) and k[:1] == ("sbpatch",) for k in hooks):
             state[name] = type(hooks)((k, v) for k, v in hooks.items() if not (isinstance(k, tuple) and k[:1] == (
@@ -833,6 +935,12 @@ def _freeze(group: Group) -> None:
             if len(hooks) > 1:  # run before a legacy weight_norm hook recomputes the weight from its originals
                 hooks.move_to_end(key, last=False)
             sub._forward_pre_hooks_with_kwargs[key] = True
+    for ref, _ in group.quiet:
+        sub = ref()
+        if sub is not None:
+            sub._forward_pre_hooks[key] = _QUIET_PRE
+            sub._forward_hooks[key] = _QUIET_POST
+            sub._forward_hooks_always_called[key] = True
     _watch(True)
 
 
@@ -885,6 +993,12 @@ def _unfreeze(group: Group) -> None:
         if sub is not None:
             sub._forward_pre_hooks.pop(key, None)
             sub._forward_pre_hooks_with_kwargs.pop(key, None)
+    for ref, _ in group.quiet:
+        sub = ref()
+        if sub is not None:
+            sub._forward_pre_hooks.pop(key, None)
+            sub._forward_hooks.pop(key, None)
+            sub._forward_hooks_always_called.pop(key, None)
     for r in group.kept:
         p = r()
         if p is None:
@@ -947,6 +1061,30 @@ def _frozen_by_sbpatch(p: Any) -> bool:
     return exclusive is not None and any(q is p for q in exclusive.owned)
 
 
+frozen_by_sbpatch = _frozen_by_sbpatch
+
+# id(param) -> (weak reference, reason): frozen parameters an operand rule (operands.py) gave a live alias to
+_aliased: dict[int, tuple[Any, str]] = {}
+
+
+def note_operand(p: Any, reason: str) -> None:
+    """Record that an operand rule ran an op on a live alias of ``p`` (for :func:`kept_live` and :func:`kept_in`)."""
+    key = id(p)
+    name = None
+    with _lock:
+        hit = _aliased.get(key)
+        if hit is None or hit[0]() is not p:
+            _aliased[key] = (weakref.ref(p, lambda _, key=key: _aliased.pop(key, None)), reason)
+        for module, (_, group) in list(_param_cache.items()):
+            if group in _active:
+                name = next((n for n, q in module.named_parameters() if q is p), None)
+                if name is not None:
+                    name = f"{type(module).__name__}.{name}"
+                    break
+        _note_kept(name or f"parameter of shape {tuple(p.shape)}", reason)
+    log.debug("sbpatch: live alias of %s: %s", name, reason)
+
+
 def _promote(p: Any, name: str, reason: str) -> None:
     """Make a parameter sbpatch froze live again for the rest of the call (a run-time rule); remember it."""
     with _lock:
@@ -966,6 +1104,8 @@ def _promote(p: Any, name: str, reason: str) -> None:
 def held_count() -> int:
     """Number of parameters sbpatch holds right now, frozen or guarded (0 when no frozen call is running)."""
     _reap()
+    if _operands_module is not None:
+        _operands_module.sweep(idle=not _active)
     with _lock:
         exclusive = len(_exclusive.owned) if _exclusive is not None else 0
         return len(_ledger) + exclusive + len(_guards)
@@ -1062,14 +1202,27 @@ def _comm_free(targets: Iterable[Any]) -> Any:
     return _comm_free_fn(targets)
 
 
+_operands_module: Any = None
+
+
+def _operands() -> Any:
+    global _operands_module
+    if _operands_module is None:
+        from sbpatch import operands as _operands_module
+    return _operands_module
+
+
 def call_frozen(targets: Iterable[Any], keep: Iterable[Any], fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     """Call ``fn(*args, **kwargs)`` with ``targets`` frozen. A failure to freeze runs ``fn`` unfrozen, never raises."""
     global _freeze_failed
     holder = Holder()
+    operands = _operands()
+    mark = operands.depth()
     try:
         try:
             acquire(collect(targets, keep), holder)
             sync = _comm_free(targets)
+            operands.enter()
         except Exception:  # never break the user's call because freezing failed
             if not _freeze_failed:
                 _freeze_failed = True
@@ -1080,10 +1233,18 @@ def call_frozen(targets: Iterable[Any], keep: Iterable[Any], fn: Callable[..., A
             return fn(*args, **kwargs)
     finally:
         try:
+            operands.leave_above(mark)
             release(holder)
         except BaseException:  # interrupted while releasing: finish it, then let the interruption through
+            operands.leave_above(mark)
             release(holder)
             raise
+
+
+def _leave_mode(mark: list[Any]) -> None:
+    if mark[0] is not None:
+        _operands().leave_above(mark[0], mark[1])
+        mark[0] = None
 
 
 class frozen(contextlib.ContextDecorator):
@@ -1113,13 +1274,19 @@ class frozen(contextlib.ContextDecorator):
     def __enter__(self) -> frozen:
         holder = Holder(self)
         sync = None
+        operands = _operands()
+        mark = operands.depth()
         try:
             acquire(collect(self._targets, self._keep), holder)
             sync = _comm_free(self._targets)
             sync.__enter__()
-            self._stacks.setdefault(threading.get_ident(), []).append((holder, sync))
+            # this thread and its operand-mode depth before the call (None once left)
+            entry = (holder, sync, [mark, threading.get_ident()])
+            operands.enter()
+            self._stacks.setdefault(threading.get_ident(), []).append(entry)
         except BaseException:
             try:
+                operands.leave_above(mark)
                 if sync is not None:
                     with contextlib.suppress(Exception):
                         sync.__exit__(None, None, None)
@@ -1133,12 +1300,14 @@ class frozen(contextlib.ContextDecorator):
         try:
             entry = self._top()
             if entry is not None:
+                _leave_mode(entry[2])
                 with contextlib.suppress(Exception):
                     entry[1].__exit__(None, None, None)
                 release(entry[0])
         except BaseException:  # an interruption landed while restoring: finish, then let it through
             entry = self._top()
             if entry is not None:
+                _leave_mode(entry[2])
                 release(entry[0])
             raise
         finally:
@@ -1151,10 +1320,12 @@ class frozen(contextlib.ContextDecorator):
         if not stacks:
             return
         for stack in list(stacks.values()):
-            for holder, sync in list(stack):
+            for holder, sync, mark in list(stack):
                 if not holder.done:
                     with contextlib.suppress(Exception):
                         sync.__exit__(None, None, None)
+                    with contextlib.suppress(Exception):
+                        _leave_mode(mark)
                     _orphaned(holder)
 
     def _top(self) -> Any:

@@ -1,0 +1,479 @@
+"""Kernel rules at the operands: during a frozen call, see each product a frozen weight enters, where PyTorch decides.
+
+``torch.matmul`` (and ``F.linear`` when it falls back to it) folds a >=3-D operand into one ``mm`` only when the
+2-D operand requires grad or when the fold needs no copy (ATen's ``should_fold``); otherwise it runs ``bmm``, which
+rounds differently. Freezing a weight flips that decision for every product where the other operand cannot be
+folded without a copy (a transposed or permuted input), wherever the product happens: in ``nn.Linear``, in a user
+pre-hook, in ``layer.forward(x.mT)``, in ``x.mT @ W``, ``W @ x``, in a LoRA adapter. A mask that requires grad keeps
+``scaled_dot_product_attention`` off its fused CPU kernels, so a mask computed from a frozen parameter changes it too.
+
+During a frozen call, in the calling thread, a :class:`torch.overrides.TorchFunctionMode` sees every such call with
+its real operands. When an operand is a parameter sbpatch froze, a view of one, or a tensor computed from one (tracked
+for the call), and the decision would differ from the live model's, the op gets a live alias of that operand instead
+(``detach().requires_grad_()``: same storage and strides, requires grad): the kernel is the one the live model runs,
+the parameter itself stays frozen, and its ``.grad`` is never written (the alias absorbs it).
+
+What the mode cannot see: TorchScript graphs (read statically, :func:`scripted_matmul_weights`), the inside of fused
+C++ calls (``_VF.lstm``/``gru``: the RNN probe in :mod:`sbpatch.freeze`), and other threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from sbpatch import freeze
+
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
+_grad_enabled = torch.is_grad_enabled
+_F = torch.nn.functional
+
+OPERAND_REASON = (
+    "{op} with a non-foldable {dim}-D operand (shape {shape}, strides {strides}): torch.matmul folds it into one mm "
+    "only while the other operand requires grad, else runs bmm, which rounds differently"
+)
+MASK_REASON = (
+    "attention mask computed from it: a mask that requires grad keeps scaled_dot_product_attention off its fused "
+    "CPU kernels"
+)
+
+# ops whose float result never requires grad, whatever their inputs: not tracked as computed from a weight
+_NO_GRAD_OPS = frozenset(
+    f
+    for f in (
+        torch.Tensor.detach,
+        torch.detach,
+        torch.Tensor.detach_,
+        torch.Tensor.requires_grad_,
+        torch.Tensor.data.__get__,
+        torch.zeros_like,
+        torch.ones_like,
+        torch.empty_like,
+        torch.full_like,
+        torch.rand_like,
+        torch.randn_like,
+        torch.randint_like,
+        torch.Tensor.new_zeros,
+        torch.Tensor.new_ones,
+        torch.Tensor.new_empty,
+        torch.Tensor.new_full,
+        torch.Tensor.new_tensor,
+    )
+)
+
+
+def _contiguous_leading(t: Any) -> bool:
+    """Whether ``t.view(-1, t.size(-1))`` needs no copy (ATen's ``should_fold`` stride test)."""
+    if t.numel() == 0:
+        return True
+    sizes, strides = t.shape, t.stride()
+    return all(strides[i] == strides[i + 1] * sizes[i + 1] for i in range(t.dim() - 2))
+
+
+def _matmul_differs(a: Any, b: Any) -> tuple[int, Any] | None:
+    """For ``torch.matmul(a, b)``: ``(index of the operand whose requires_grad decides, the operand to fold)`` when
+    the fold decision depends on that operand's flag (ATen's ``should_fold``), else None."""
+    da, db = a.dim(), b.dim()
+    if da >= db:
+        if da < 3 or db > 2 or db < 1:
+            return None
+        big, index = a, 1
+    else:
+        if db < 3 or da > 2 or da < 1:
+            return None
+        big, index = b.mT, 0
+        if da == 2:  # W @ x: never folded without the grad flag
+            return index, big
+    return None if _contiguous_leading(big) else (index, big)
+
+
+class OperandMode(TorchFunctionMode):
+    """The mode sbpatch pushes during a frozen call (one per thread). See the module docstring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # id(tensor) -> (weak ref, {id(param): param}): tensors computed, in this call, from frozen parameters
+        self.derived: dict[int, tuple[Any, dict[int, Any]]] = {}
+        self.noted: set[int] = set()
+        self.inert = False  # its frozen call was ended from another thread: pass every call through
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        rule = _RULES.get(func)
+        if rule is not None and not self.inert:
+            args, kwargs = rule(self, args, kwargs)
+        out = func(*args, **kwargs)
+        if (
+            type(out) is _Tensor
+            and _grad_enabled()
+            and not out.requires_grad
+            and out.is_floating_point()
+            and func not in _NO_GRAD_OPS
+        ):
+            sources = self._sources_of(args, kwargs)
+            if sources:
+                key = id(out)
+                derived = self.derived
+                derived[key] = (weakref.ref(out, lambda _, key=key: derived.pop(key, None)), sources)
+        return out
+
+    # --- what an operand comes from -------------------------------------------------------------------------------
+
+    def source(self, t: Any) -> dict[int, Any] | None:
+        """The frozen parameters ``t`` is, views, or was computed from in this call (under grad mode)."""
+        if t.requires_grad:
+            return None
+        base = t._base
+        if base is None:
+            base = t
+        if isinstance(base, _Parameter):
+            return {id(base): base}
+        derived = self.derived
+        if not derived:
+            return None
+        for candidate in (t, base):
+            hit = derived.get(id(candidate))
+            if hit is not None and hit[0]() is candidate:
+                return hit[1]
+        return None
+
+    def _sources_of(self, args: tuple, kwargs: dict) -> dict[int, Any] | None:
+        found = None
+        for group in (args, kwargs.values()):
+            for a in group:
+                if isinstance(a, (list, tuple)):
+                    for item in a:
+                        if isinstance(item, _Tensor):
+                            found = self._merge(found, item)
+                elif isinstance(a, _Tensor):
+                    found = self._merge(found, a)
+        return found
+
+    def _merge(self, found: dict[int, Any] | None, t: Any) -> dict[int, Any] | None:
+        s = self.source(t)
+        if not s:
+            return found
+        if found is None:
+            return s
+        merged = dict(found)
+        merged.update(s)
+        return merged
+
+    def live_alias(self, t: Any, reason: str) -> Any:
+        """``t``, or a live alias of it when it comes from a parameter sbpatch froze (noting why)."""
+        sources = self.source(t)
+        if not sources:
+            return t
+        frozen_ = [p for p in sources.values() if freeze.frozen_by_sbpatch(p)]
+        if not frozen_:
+            return t
+        for p in frozen_:
+            if id(p) not in self.noted:
+                self.noted.add(id(p))
+                freeze.note_operand(p, reason)
+        try:
+            return t.detach().requires_grad_()
+        except RuntimeError:  # e.g. an inference tensor: leave the op as it is
+            return t
+
+
+# --- the rules: one per op whose kernel depends on an operand's requires_grad -----------------------------------------
+
+
+def _reason_for(op: str, big: Any) -> str:
+    return OPERAND_REASON.format(op=op, dim=big.dim(), shape=tuple(big.shape), strides=tuple(big.stride()))
+
+
+def _matmul_rule(mode: OperandMode, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if len(args) < 2 or kwargs.get("out") is not None:
+        return args, kwargs
+    a, b = args[0], args[1]
+    if not (isinstance(a, _Tensor) and isinstance(b, _Tensor)):
+        return args, kwargs
+    hit = _matmul_differs(a, b)
+    if hit is None:
+        return args, kwargs
+    index, big = hit
+    operand = args[index]
+    alias = mode.live_alias(operand, _reason_for("matmul", big))
+    if alias is operand:
+        return args, kwargs
+    args = list(args)
+    args[index] = alias
+    return tuple(args), kwargs
+
+
+def _rmatmul_rule(mode: OperandMode, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if len(args) < 2:
+        return args, kwargs
+    swapped, kwargs = _matmul_rule(mode, (args[1], args[0]), kwargs)
+    return (swapped[1], swapped[0], *args[2:]), kwargs
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
+def _put(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tuple[tuple, dict]:
+    if len(args) > index:
+        args = list(args)
+        args[index] = value
+        return tuple(args), kwargs
+    kwargs = dict(kwargs)
+    kwargs[name] = value
+    return args, kwargs
+
+
+def _linear_rule(mode: OperandMode, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    x, weight, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    if not (isinstance(x, _Tensor) and isinstance(weight, _Tensor)) or weight.dim() != 2:
+        return args, kwargs
+    if x.dim() < 3 or freeze.foldable(x, bias is not None):
+        return args, kwargs
+    alias = mode.live_alias(weight, _reason_for("linear", x))
+    return (args, kwargs) if alias is weight else _put(args, kwargs, 1, "weight", alias)
+
+
+_MHA_WEIGHTS = ((5, "in_proj_weight"), (18, "q_proj_weight"), (19, "k_proj_weight"), (20, "v_proj_weight"))
+
+
+def _mha_rule(mode: OperandMode, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``F.multi_head_attention_forward``: its in-projections are ``linear`` calls on query, key and value."""
+    has_bias = _arg(args, kwargs, 6, "in_proj_bias") is not None
+    for index, name in ((0, "query"), (1, "key"), (2, "value")):
+        x = _arg(args, kwargs, index, name)
+        if isinstance(x, _Tensor) and x.dim() >= 3 and not freeze.foldable(x, has_bias):
+            reason = _reason_for("multi_head_attention_forward in-projection", x)
+            for windex, wname in _MHA_WEIGHTS:
+                w = _arg(args, kwargs, windex, wname)
+                if isinstance(w, _Tensor):
+                    alias = mode.live_alias(w, reason)
+                    if alias is not w:
+                        args, kwargs = _put(args, kwargs, windex, wname, alias)
+            break
+    return args, kwargs
+
+
+def _sdpa_rule(mode: OperandMode, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    mask = _arg(args, kwargs, 3, "attn_mask")
+    if not isinstance(mask, _Tensor) or not mask.is_floating_point():
+        return args, kwargs
+    alias = mode.live_alias(mask, MASK_REASON)
+    return (args, kwargs) if alias is mask else _put(args, kwargs, 3, "attn_mask", alias)
+
+
+_RULES: dict[Any, Any] = {
+    torch.matmul: _matmul_rule,
+    torch.Tensor.matmul: _matmul_rule,
+    torch.Tensor.__matmul__: _matmul_rule,
+    torch.Tensor.__rmatmul__: _rmatmul_rule,
+    torch._C._nn.linear: _linear_rule,
+    _F.multi_head_attention_forward: _mha_rule,
+    torch._C._nn.scaled_dot_product_attention: _sdpa_rule,
+}
+
+
+# --- pushing the mode for the duration of a frozen call ---------------------------------------------------------------
+
+class _State:
+    """One thread's mode and how many frozen calls hold it."""
+
+    __slots__ = ("depth", "mode", "quiet")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.mode: OperandMode | None = None
+        self.quiet: list[int] = []
+
+
+# thread ident -> its state; a frozen() block may be exited from another thread than the one that entered it
+_states: dict[int, _State] = {}
+
+
+def _state(ident: int | None = None) -> _State:
+    ident = threading.get_ident() if ident is None else ident
+    state = _states.get(ident)
+    if state is None:
+        state = _states[ident] = _State()
+    return state
+
+
+def depth() -> int:
+    """How many frozen calls hold this thread's mode now."""
+    state = _states.get(threading.get_ident())
+    return 0 if state is None else state.depth
+
+
+def leave_above(mark: int, ident: int | None = None) -> None:
+    """:func:`leave` once if more than ``mark`` calls hold the mode of thread ``ident`` (this one by default): a
+    caller that noted ``mark = depth()`` before :func:`enter` may call this again after an interruption without
+    leaving twice."""
+    state = _states.get(threading.get_ident() if ident is None else ident)
+    if state is not None and state.depth > mark:
+        leave(ident)
+
+
+def enter() -> bool:
+    """Push this thread's mode for a frozen call (nested calls share it). Returns True.
+
+    Ordered so that an interruption at any point leaves a state that :func:`leave_above` cleans up: the depth is
+    counted before the mode is pushed, and :func:`leave` removes the mode before it forgets it."""
+    state = _state()
+    if state.depth:
+        state.depth += 1
+        return True
+    if state.mode is not None:  # left by a frozen() block that another thread exited
+        _remove(state.mode)
+        state.mode = None
+    mode = OperandMode()
+    state.quiet = []
+    state.mode = mode
+    state.depth = 1
+    torch._C._push_on_torch_function_stack(mode)
+    return True
+
+
+def leave(ident: int | None = None) -> bool:
+    """Undo :func:`enter`; the last one removes the mode, wherever it is on the stack. Returns False. From another
+    thread (``ident``), the mode cannot be taken off that thread's stack: it goes inert, and that thread removes it
+    at its next frozen call or :func:`sweep`."""
+    here = ident is None or ident == threading.get_ident()
+    state = _states.get(threading.get_ident() if ident is None else ident)
+    if state is None or state.depth <= 0:
+        return False
+    if state.depth == 1:
+        mode = state.mode
+        if mode is not None:
+            if here:
+                _remove(mode)
+                state.mode = None
+            else:
+                mode.inert = True
+        state.quiet = []
+    state.depth -= 1
+    return False
+
+
+def sweep(idle: bool = False) -> None:
+    """Remove this thread's inert mode (its frozen() block was exited from another thread). ``idle``: nothing is
+    frozen any more, so a depth still counted here was left by an interruption that no cleanup could see (one
+    landing inside a ``__del__``): forget it too."""
+    state = _states.get(threading.get_ident())
+    if state is None:
+        return
+    if idle:
+        state.depth = 0
+    if state.depth == 0 and state.mode is not None:
+        _remove(state.mode)
+        state.mode = None
+
+
+def quiet_begin(module: Any) -> None:
+    """Set the mode aside while ``module`` runs (its fast path is refused under any mode); see freeze._Quiet."""
+    state = _states.get(threading.get_ident())
+    if state is None or state.mode is None or torch._C._len_torch_function_stack() == 0:
+        return
+    top = torch._C._pop_torch_function_stack()
+    if top is not state.mode:
+        torch._C._push_on_torch_function_stack(top)
+        return
+    state.quiet.append(id(module))
+
+
+def quiet_end(module: Any) -> None:
+    state = _states.get(threading.get_ident())
+    if state is not None and state.quiet and state.quiet[-1] == id(module):
+        state.quiet.pop()
+        if state.mode is not None:
+            torch._C._push_on_torch_function_stack(state.mode)
+
+
+def _remove(mode: Any) -> None:
+    stack = torch._C._len_torch_function_stack()
+    if stack == 0:
+        return
+    top = torch._C._pop_torch_function_stack()
+    if top is mode:
+        return
+    torch._C._push_on_torch_function_stack(top)
+    above = []
+    try:
+        while torch._C._len_torch_function_stack() > 0:
+            top = torch._C._pop_torch_function_stack()
+            if top is mode:
+                break
+            above.append(top)
+    finally:
+        for m in reversed(above):
+            torch._C._push_on_torch_function_stack(m)
+
+
+def active() -> OperandMode | None:
+    """This thread's mode, while a frozen call runs in it."""
+    state = _states.get(threading.get_ident())
+    return None if state is None or state.depth == 0 else state.mode
+
+
+# --- TorchScript: the mode never sees inside a graph; read it instead -------------------------------------------------
+
+SCRIPT_REASON = (
+    "TorchScript: it feeds {op} inside a compiled graph, where the fold decision (mm vs bmm) happens out of sbpatch's "
+    "sight; kept live (read from the graph)"
+)
+_SCRIPT_OPS = {"aten::linear": (1,), "aten::matmul": (0, 1), "aten::multi_head_attention_forward": (5,)}
+
+
+def scripted_matmul_weights(module: Any) -> dict[int, tuple[Any, str]]:
+    """For a TorchScript module (scripted or traced): the parameters that are, or are computed only from parameters
+    into, an operand of ``linear``/``matmul`` in its inlined graph: ``{id(param): (param, reason)}``. When the graph
+    cannot be read, every parameter of at most two dimensions (what can enter a product as the small operand)."""
+    params = dict(module.named_parameters())
+    try:
+        graph = module.inlined_graph
+        self_value = next(iter(graph.inputs())).unique()
+        paths: dict[int, str] = {self_value: ""}
+        derived: dict[int, set[str]] = {}
+        keep: dict[str, str] = {}
+        for node in graph.nodes():
+            kind = node.kind()
+            if kind == "prim::GetAttr":
+                base = paths.get(node.input().unique())
+                if base is not None:
+                    path = f"{base}.{node.s('name')}" if base else node.s("name")
+                    out = node.output().unique()
+                    paths[out] = path
+                    if path in params:
+                        derived[out] = {path}
+                continue
+            inputs = list(node.inputs())
+            operands = _SCRIPT_OPS.get(kind)
+            if operands is not None:
+                for index in operands:
+                    if index < len(inputs):
+                        for path in derived.get(inputs[index].unique(), ()):
+                            keep.setdefault(path, SCRIPT_REASON.format(op=kind))
+            if node.blocks():  # control flow: its outputs are not followed
+                continue
+            sources: set[str] = set()
+            complete = False
+            for value in inputs:
+                hit = derived.get(value.unique())
+                if hit is not None:
+                    sources |= hit
+                    complete = True
+                elif value.type().kind() in ("TensorType", "ListType", "TupleType"):
+                    complete = False
+                    break
+            if complete:
+                for out in node.outputs():
+                    derived[out.unique()] = sources
+    except Exception as error:  # any failure to read the graph: keep what can enter a product
+        reason = f"TorchScript graph not readable ({type(error).__name__}: {error}): kept live, <=2-D"
+        return {id(p): (p, reason) for p in params.values() if p.dim() <= 2}
+    return {id(params[path]): (params[path], reason) for path, reason in keep.items()}
