@@ -23,11 +23,11 @@ _EXPORTS: dict[str, str] = {
     "DidNotEnable": "sbpatch.errors",
     "SbpatchError": "sbpatch.errors",
     "SbpatchWarning": "sbpatch.errors",
-    "add_keep_rule": "sbpatch.freeze",
+    "add_keep_rule": "sbpatch.rules",
     "frozen": "sbpatch.freeze",
-    "keep_rules": "sbpatch.freeze",
+    "keep_rules": "sbpatch.rules",
     "release_all": "sbpatch.freeze",
-    "remove_keep_rule": "sbpatch.freeze",
+    "remove_keep_rule": "sbpatch.rules",
     "paused": "sbpatch.patching",
     "LibraryStatus": "sbpatch.registry",
     "disable": "sbpatch.registry",
@@ -65,9 +65,10 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports these on first use
     from sbpatch import errors
     from sbpatch.errors import ConfigError, DidNotEnable, SbpatchError, SbpatchWarning
-    from sbpatch.freeze import add_keep_rule, frozen, keep_rules, release_all, remove_keep_rule
+    from sbpatch.freeze import frozen, release_all
     from sbpatch.patching import paused
     from sbpatch.registry import LibraryStatus, disable, enable, enable_targets, status
+    from sbpatch.rules import add_keep_rule, keep_rules, remove_keep_rule
     from sbpatch.verify import verify
 
 

@@ -13,8 +13,8 @@ for the call), and the decision would differ from the live model's, the op gets 
 (``detach().requires_grad_()``: same storage and strides, requires grad): the kernel is the one the live model runs,
 the parameter itself stays frozen, and its ``.grad`` is never written (the alias absorbs it).
 
-What the mode cannot see: TorchScript graphs (read statically, :func:`scripted_matmul_weights`), the inside of fused
-C++ calls (``_VF.lstm``/``gru``: the RNN probe in :mod:`sbpatch.freeze`), and other threads.
+What the mode cannot see: TorchScript graphs (read statically, :func:`sbpatch.rules.scripted_matmul_weights`), the
+inside of fused C++ calls (``_VF.lstm``/``gru``: the RNN probe in :mod:`sbpatch.freeze`), and other threads.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from sbpatch import freeze
+from sbpatch import freeze, rules
 
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
@@ -234,7 +234,7 @@ def _linear_rule(mode: OperandMode, args: tuple, kwargs: dict) -> tuple[tuple, d
     x, weight, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     if not (isinstance(x, _Tensor) and isinstance(weight, _Tensor)) or weight.dim() != 2:
         return args, kwargs
-    if x.dim() < 3 or freeze.foldable(x, bias is not None):
+    if x.dim() < 3 or rules.foldable(x, bias is not None):
         return args, kwargs
     alias = mode.live_alias(weight, _reason_for("linear", x))
     return (args, kwargs) if alias is weight else _put(args, kwargs, 1, "weight", alias)
@@ -248,7 +248,7 @@ def _mha_rule(mode: OperandMode, args: tuple, kwargs: dict) -> tuple[tuple, dict
     has_bias = _arg(args, kwargs, 6, "in_proj_bias") is not None
     for index, name in ((0, "query"), (1, "key"), (2, "value")):
         x = _arg(args, kwargs, index, name)
-        if isinstance(x, _Tensor) and x.dim() >= 3 and not freeze.foldable(x, has_bias):
+        if isinstance(x, _Tensor) and x.dim() >= 3 and not rules.foldable(x, has_bias):
             reason = _reason_for("multi_head_attention_forward in-projection", x)
             for windex, wname in _MHA_WEIGHTS:
                 w = _arg(args, kwargs, windex, wname)
@@ -418,62 +418,3 @@ def active() -> OperandMode | None:
     """This thread's mode, while a frozen call runs in it."""
     state = _states.get(threading.get_ident())
     return None if state is None or state.depth == 0 else state.mode
-
-
-# --- TorchScript: the mode never sees inside a graph; read it instead -------------------------------------------------
-
-SCRIPT_REASON = (
-    "TorchScript: it feeds {op} inside a compiled graph, where the fold decision (mm vs bmm) happens out of sbpatch's "
-    "sight; kept live (read from the graph)"
-)
-_SCRIPT_OPS = {"aten::linear": (1,), "aten::matmul": (0, 1), "aten::multi_head_attention_forward": (5,)}
-
-
-def scripted_matmul_weights(module: Any) -> dict[int, tuple[Any, str]]:
-    """For a TorchScript module (scripted or traced): the parameters that are, or are computed only from parameters
-    into, an operand of ``linear``/``matmul`` in its inlined graph: ``{id(param): (param, reason)}``. When the graph
-    cannot be read, every parameter of at most two dimensions (what can enter a product as the small operand)."""
-    params = dict(module.named_parameters())
-    try:
-        graph = module.inlined_graph
-        self_value = next(iter(graph.inputs())).unique()
-        paths: dict[int, str] = {self_value: ""}
-        derived: dict[int, set[str]] = {}
-        keep: dict[str, str] = {}
-        for node in graph.nodes():
-            kind = node.kind()
-            if kind == "prim::GetAttr":
-                base = paths.get(node.input().unique())
-                if base is not None:
-                    path = f"{base}.{node.s('name')}" if base else node.s("name")
-                    out = node.output().unique()
-                    paths[out] = path
-                    if path in params:
-                        derived[out] = {path}
-                continue
-            inputs = list(node.inputs())
-            operands = _SCRIPT_OPS.get(kind)
-            if operands is not None:
-                for index in operands:
-                    if index < len(inputs):
-                        for path in derived.get(inputs[index].unique(), ()):
-                            keep.setdefault(path, SCRIPT_REASON.format(op=kind))
-            if node.blocks():  # control flow: its outputs are not followed
-                continue
-            sources: set[str] = set()
-            complete = False
-            for value in inputs:
-                hit = derived.get(value.unique())
-                if hit is not None:
-                    sources |= hit
-                    complete = True
-                elif value.type().kind() in ("TensorType", "ListType", "TupleType"):
-                    complete = False
-                    break
-            if complete:
-                for out in node.outputs():
-                    derived[out.unique()] = sources
-    except Exception as error:  # any failure to read the graph: keep what can enter a product
-        reason = f"TorchScript graph not readable ({type(error).__name__}: {error}): kept live, <=2-D"
-        return {id(p): (p, reason) for p in params.values() if p.dim() <= 2}
-    return {id(params[path]): (params[path], reason) for path, reason in keep.items()}
