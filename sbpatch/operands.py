@@ -75,16 +75,30 @@ def _contiguous_leading(t: Any) -> bool:
     return all(strides[i] == strides[i + 1] * sizes[i + 1] for i in range(t.dim() - 2))
 
 
+def _batch_one(t: Any) -> bool:
+    return all(size == 1 for size in t.shape[:-2])
+
+
 def _matmul_differs(a: Any, b: Any) -> tuple[int, Any] | None:
-    """For ``torch.matmul(a, b)``: ``(index of the operand whose requires_grad decides, the operand to fold)`` when
-    the fold decision depends on that operand's flag (ATen's ``should_fold``), else None."""
+    """For ``torch.matmul(a, b)``: ``(index of the operand whose requires_grad decides, the other operand)`` when
+    ATen's choice of kernel depends on that operand's flag, else None. Two places (``_matmul_impl``): a >=3-D
+    operand meeting a 1-D/2-D one is folded into one ``mm`` when the small one requires grad or the fold needs no
+    copy (``should_fold``; never without the flag for ``2-D @ N-D``), else ``bmm`` on an expanded copy; and between
+    two >=3-D operands, one whose batch dimensions are all 1 is squeezed into the fold path when it requires grad,
+    else expanded for ``bmm``."""
     da, db = a.dim(), b.dim()
+    if da >= 3 and db >= 3:
+        if _batch_one(b) and not _batch_one(a):
+            return 1, a
+        if _batch_one(a) and not _batch_one(b):
+            return 0, b
+        return None
     if da >= db:
-        if da < 3 or db > 2 or db < 1:
+        if da < 3 or db < 1:
             return None
         big, index = a, 1
     else:
-        if db < 3 or da > 2 or da < 1:
+        if db < 3 or da < 1:
             return None
         big, index = b.mT, 0
         if da == 2:  # W @ x: never folded without the grad flag
@@ -126,7 +140,9 @@ class OperandMode(TorchFunctionMode):
     # --- what an operand comes from -------------------------------------------------------------------------------
 
     def source(self, t: Any) -> dict[int, Any] | None:
-        """The frozen parameters ``t`` is, views, or was computed from in this call (under grad mode)."""
+        """The frozen parameters ``t`` is, is a view of (a view of a leaf that requires grad requires grad too, even
+        when taken under ``no_grad``), or was computed from in this call under grad mode: exactly the operands that
+        would require grad in the live model."""
         if t.requires_grad:
             return None
         base = t._base

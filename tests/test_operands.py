@@ -69,6 +69,7 @@ class Frames(nn.Module):
         self.head = nn.Linear(64, width)
         self.W = nn.Parameter(torch.randn(width, 64) / 8)
         self.b = nn.Parameter(torch.zeros(width))
+        self.P = nn.Parameter(torch.randn(1, 64, width) / 8)
         self.how = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,12 +95,48 @@ HEADS = {
     "F.linear(x.mT, W, b)": lambda m, h: F.linear(h.mT, m.W, m.b).mean(1),
     "W @ x": lambda m, h: (m.W @ h).mean(2),
     "x.mT.matmul(W.t())": lambda m, h: h.mT.matmul(m.W.t()).mean(1),
+    "x @ P, P (1, C, O)": lambda m, h: (h.mT.contiguous() @ m.P).mean(1),
+    "softmax(W) @ x": lambda m, h: (torch.softmax(m.W, 1) @ h).mean(2),
 }
 
 
 @pytest.mark.parametrize("how", list(HEADS), ids=list(HEADS))
 def test_products_outside_module_calls(how: str):
     _check(_frames(HEADS[how]), how)
+
+
+class Keyed(nn.Module):
+    """A 2-D operand that requires grad only because the weights that make it are live (docs/kernels.md)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.key = nn.Linear(16, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.transpose(1, 2) @ self.key(x.mean(0))).mean(1)
+
+
+def test_operand_computed_by_a_frozen_layer_in_a_query_pass():
+    def make(width: int) -> tuple[nn.Module, torch.Tensor]:
+        torch.manual_seed(width)
+        return Keyed(width).eval(), torch.randn(2, 16, 16)
+
+    _check(make, "2-D operand made by a frozen Linear")
+
+
+def test_views_of_a_frozen_parameter_get_an_alias_under_no_grad_too():
+    """A view of a leaf that requires grad requires grad even when taken under ``no_grad`` (the live model folds),
+    so ``W.T`` gets a live alias there too; a tensor computed under ``no_grad`` from a frozen weight does not (it
+    would not require grad in the live model either)."""
+    model = Frames(1, lambda m, h: h).eval()
+    x = torch.randn(2, 64, 16).mT
+    with sbpatch.frozen(model):
+        mode = operands.active()
+        with torch.no_grad():
+            view, computed = model.W.T, model.W.T * 2
+            assert operands._matmul_rule(mode, (x, view), {})[0][1] is not view
+            assert operands._matmul_rule(mode, (x, computed), {})[0][1] is computed
+        assert operands._matmul_rule(mode, (x, model.W.T * 2), {})[0][1].requires_grad
 
 
 @pytest.mark.parametrize("kind", ["plain", "prepend", "with_kwargs"])
