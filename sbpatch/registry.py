@@ -104,7 +104,7 @@ class StatusReport(dict):
             if s.note:
                 lines.append(f"{s.name}: {s.note}")
         lines.append("kept live (kernel-preserving rules, applied at run time):")
-        lines += [f"  {k.rsplit('.', 1)[-1]}: {v}" for k, v in freeze.builtin_rules().items()]
+        lines += [f"  {k if ' ' in k else k.rsplit('.', 1)[-1]}: {v}" for k, v in freeze.builtin_rules().items()]
         lines += [f"  {k} (user rule): {', '.join(v)}" for k, v in freeze.keep_rules().items()]
         kept = freeze.kept_live()
         if kept:

@@ -102,18 +102,16 @@ def keep_rules() -> dict[str, list[str]]:
 
 
 def builtin_rules() -> dict[str, str]:
-    """The built-in kernel-preserving rules: where (an op, a module type, a name) -> what stays live, and when."""
+    """The built-in kernel-preserving rules: where (ops, a module type, a name) -> what stays live, and when."""
     return {
-        "torch.matmul / Tensor.matmul / @ / F.linear (any caller: nn.Linear, a pre-hook, layer.forward, raw "
-        "parameters, adapters)": "the product runs on a live alias of a frozen weight (or of a tensor computed from "
-        "one) when the other operand is >=3-D and cannot be folded without a copy (ATen's should_fold); the "
-        "parameter itself stays frozen and gets no .grad",
+        "products (matmul, @, F.linear; any caller)": "a live alias of a frozen weight, or of a tensor computed "
+        "from one, when the other operand is >=3-D and cannot be folded without a copy (the parameter stays frozen)",
         "F.multi_head_attention_forward": "live aliases of the in-projection weights when query, key or value "
         "cannot be folded",
-        "F.scaled_dot_product_attention": "a live alias of an attention mask computed from a frozen parameter",
-        "torch.jit.ScriptModule": "parameters that feed linear/matmul in the graph stay live (read from the graph)",
+        "F.scaled_dot_product_attention": "a live alias of an attention mask computed from frozen parameters",
+        "torch.jit.ScriptModule": "parameters that feed linear/matmul in its graph stay live",
         "torch.nn.modules.activation.MultiheadAttention": "in-projection weights live when batch_first=True (its "
-        "fused fast path); the operand mode is set aside while it runs, as for TransformerEncoder(Layer)",
+        "fused fast path)",
         "torch.nn.modules.rnn.RNNBase": "first layer's input weights live when its time-major input is not "
         "foldable (batch_first=True) and no fused kernel (oneDNN LSTM, cuDNN) runs",
         "parameters named *relative_position* / *rel_pos*": "always live: they feed attention masks, and a mask "

@@ -168,3 +168,17 @@ def test_the_benchmark_modules_and_verify_do_not_import_each_other():
 
     verify = importlib.import_module("sbpatch.verify")  # the module (sbpatch.verify is also the function)
     assert verify.identical is compare.identical and verify.seed_all is compare.seed_all
+
+
+def test_all_caps_the_finite_difference_attacks_on_large_inputs():
+    """`verify --all` leaves out the three finite-difference attacks above 16x16x3 values per sample (over an hour
+    at 32 px), says so in a note, and keeps them on small inputs."""
+    from sbpatch.verify import _cap_finite_differences as cap
+
+    jobs = [("art", "FeatureAdversariesNumpy", None), ("art", "FGSM", None), ("deeprobust", "LBFGS", None),
+            ("art", "VirtualAdversarialMethod", None)]
+    kept, capped = cap(jobs, torch.zeros(2, 3, 32, 32))
+    assert [j[1] for j in kept] == ["FGSM"]
+    assert capped == ["art FeatureAdversariesNumpy", "deeprobust LBFGS", "art VirtualAdversarialMethod"]
+    assert cap(jobs, torch.zeros(2, 3, 16, 16)) == (jobs, [])
+    assert cap(jobs, ["a text"]) == (jobs, [])
