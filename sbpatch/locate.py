@@ -262,6 +262,12 @@ def target_name(wrapped: Any) -> str:
     return f"{module}.{getattr(func, '__qualname__', None) or type(func).__qualname__}"
 
 
+class NotTorch(list):
+    """An empty locator result that means "this call's model is not a PyTorch one" (an ART TensorFlow or black-box
+    estimator, a foolbox NumPy model, a TextAttack scikit-learn wrapper): the call runs unpatched, without the
+    no-model warning that an empty ``[]`` gets."""
+
+
 def warn_unlocated(wrapped: Any, what: str, value: Any) -> None:
     """Warn once per patched function that a call found no ``nn.Module`` and runs unpatched, saying how to fix it."""
     name = target_name(wrapped)

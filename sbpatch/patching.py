@@ -19,10 +19,12 @@ from typing import Any
 import wrapt
 
 from sbpatch import freeze
+from sbpatch.locate import NotTorch, warn_unlocated
 
 log = logging.getLogger("sbpatch")
 
-# (wrapped, instance, args, kwargs) -> the victim modules; an empty result means "none found": call unpatched.
+# (wrapped, instance, args, kwargs) -> the victim modules; an empty result means "none found": call unpatched, with a
+# warning once per function, or, as locate.NotTorch, "a model of another framework": call unpatched silently.
 Locator = Callable[[Any, Any, tuple, dict], Iterable[Any]]
 # (wrapped, instance, args, kwargs) -> parameters / modules / names that stay live during the call.
 Keeper = Callable[[Any, Any, tuple, dict], Iterable[Any]]
@@ -139,7 +141,8 @@ def make_wrapper(target: Target, counters: Counters) -> Callable[..., Any]:
             counters.passed += 1
             return wrapped(*args, **kwargs)
         try:
-            modules = list(locate(wrapped, instance, args, kwargs))
+            located = locate(wrapped, instance, args, kwargs)
+            modules = located if isinstance(located, NotTorch) else list(located)
             kept = tuple(keep(wrapped, instance, args, kwargs)) if keep is not None else ()
         except Exception:
             log.debug("sbpatch: locating the model for %s failed", target.name, exc_info=True)
@@ -148,6 +151,9 @@ def make_wrapper(target: Target, counters: Counters) -> Callable[..., Any]:
             if counters.unlocated == 0:
                 log.debug("sbpatch: no nn.Module found for a call of %s; running it unpatched", target.name)
             counters.unlocated += 1
+            if not isinstance(modules, NotTorch):  # once per function (a locator may have said it in its words)
+                value = instance if instance is not None else args[0] if args else None
+                warn_unlocated(wrapped, "the call's arguments", value)
             return wrapped(*args, **kwargs)
         entered: contextlib.AbstractContextManager[Any] = _NO_CONTEXT
         if context is not None:

@@ -230,7 +230,10 @@ def fast_path_scopes(module: Any) -> tuple[list[Any], set[int]]:
             continue
         scope = None
         if isinstance(sub, nn.TransformerEncoder):
-            scope = sub
+            # its fast path (and its layers') needs batch-first attention; a sequence-first encoder keeps the mode,
+            # which gives its in-projections live aliases on their non-foldable (N, B, d) inputs
+            if all(getattr(getattr(layer, "self_attn", None), "batch_first", False) for layer in sub.layers):
+                scope = sub
         elif isinstance(sub, nn.TransformerEncoderLayer) and sub.self_attn.batch_first:
             scope = named.get(name.rpartition(".")[0]) if name else None  # its parent: no hook on the layer itself
         elif isinstance(sub, nn.MultiheadAttention) and sub.batch_first and id(sub) not in no_probe:

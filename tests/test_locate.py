@@ -256,3 +256,35 @@ def test_find_modules_is_bounded_on_big_and_cyclic_graphs() -> None:
             return x
 
     assert locate.find_modules(Hostile()) == []
+
+
+def test_art_and_foolbox_warn_only_for_a_pytorch_model_they_cannot_reach(fresh_warnings: None) -> None:
+    """The no-model warning comes from the wrapper, so ART and foolbox get it too when a PyTorch estimator's module
+    cannot be found; a model of another framework (a foolbox NumPy model, an ART black-box estimator) runs
+    unpatched in silence."""
+    import types
+
+    import foolbox as fb
+    import foolbox.attacks as fa
+    from art.attacks.evasion import FastGradientMethod, SquareAttack
+    from art.estimators.classification import BlackBoxClassifierNeuralNetwork, PyTorchClassifier
+
+    sbpatch.enable("art", "foolbox")
+    x, y = data()
+    xn = x.numpy()
+    weights = np.random.default_rng(0).standard_normal((3 * 8 * 8, 10)).astype(np.float32)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        fmodel = fb.models.NumPyModel(lambda a: a.reshape(len(a), -1) @ weights, bounds=(0, 1))
+        fa.L2AdditiveGaussianNoiseAttack()(fmodel, xn, y.numpy(), epsilons=0.5)
+        clf = BlackBoxClassifierNeuralNetwork(lambda a: a.reshape(len(a), -1) @ weights, (3, 8, 8), 10,
+                                              clip_values=(0.0, 1.0))
+        SquareAttack(clf, eps=0.03, max_iter=1, nb_restarts=1, verbose=False).generate(xn, y.numpy())
+    assert not [w for w in got if issubclass(w.category, sbpatch.SbpatchWarning)]
+
+    clf = PyTorchClassifier(tiny_cnn(), torch.nn.CrossEntropyLoss(), (3, 8, 8), 10, clip_values=(0.0, 1.0))
+    attack = FastGradientMethod(clf, eps=0.03)
+    clf._model = types.SimpleNamespace()  # the estimator's module out of sbpatch's reach
+    with pytest.warns(sbpatch.SbpatchWarning, match="no torch.nn.Module found") as caught, pytest.raises(Exception):  # noqa: B017 - ART fails on the hidden module, after the warning
+        attack.generate(xn)
+    assert "FastGradientMethod.generate" in str(caught[0].message)

@@ -197,20 +197,23 @@ def test_parameter_targets_get_the_same_rules(how: str):
     _check(_frames(lambda m, h: m.head.forward(h.mT).mean(1)), f"frozen({how})", targets)
 
 
+class ScriptHead(nn.Module):
+    """A Conv1d encoder and a Linear on its transposed output, to compile with TorchScript."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 64, 3, padding=1)
+        self.head = nn.Linear(64, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).transpose(1, 2)).mean(1)
+
+
 @pytest.mark.parametrize("compile_with", ["script", "trace"])
 def test_torchscript_keeps_what_feeds_a_product_live(compile_with: str):
-    class Head(nn.Module):
-        def __init__(self, width: int) -> None:
-            super().__init__()
-            self.conv = nn.Conv1d(3, 64, 3, padding=1)
-            self.head = nn.Linear(64, width)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(torch.relu(self.conv(x)).transpose(1, 2)).mean(1)
-
     def make(width: int) -> tuple[nn.Module, torch.Tensor]:
         torch.manual_seed(width)
-        model = Head(width).eval()
+        model = ScriptHead(width).eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still used
             return (torch.jit.script(model) if compile_with == "script" else torch.jit.trace(model, X)), X

@@ -36,7 +36,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from sbpatch.locate import find_modules
+from sbpatch.locate import NotTorch, find_modules
 from sbpatch.patching import Integration, Target
 
 # Attributes through which a non-PyTorch wrapper estimator (or an attack) holds the estimators it delegates to.
@@ -86,9 +86,13 @@ def _pytorch_estimators(obj: Any, depth: int = 3) -> list[Any]:
 
 
 def _victim(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]:
-    """The nn.Modules of the PyTorch estimator(s) behind an attack or an estimator; [] for any other framework."""
+    """The nn.Modules of the PyTorch estimator(s) behind an attack or an estimator; NotTorch for any other framework
+    (a TensorFlow, scikit-learn or black-box estimator: nothing to freeze, nothing to warn about)."""
     modules: list[Any] = []
-    for est in _pytorch_estimators(instance):
+    estimators = _pytorch_estimators(instance)
+    if not estimators:
+        return NotTorch()
+    for est in estimators:
         for module in find_modules(est, ("_model", "model")):
             if all(module is not m for m in modules):
                 modules.append(module)

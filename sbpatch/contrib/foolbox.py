@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sbpatch.locate import find_modules
+from sbpatch.locate import NotTorch, find_modules
 from sbpatch.patching import Integration, Target
 
 _MAX_WRAPPERS = 32
@@ -39,7 +39,10 @@ def _victim(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]
         if inner is None or not hasattr(inner, "_model"):
             break
         model = inner
-    return find_modules(model, attributes=("_model", "model"))
+    found = find_modules(model, attributes=("_model", "model"))
+    if not found and "pytorch" not in type(model).__module__:  # a NumPy, TensorFlow or JAX model
+        return NotTorch()
+    return found
 
 
 INTEGRATION = Integration(

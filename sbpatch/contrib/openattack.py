@@ -34,6 +34,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from sbpatch.locate import NotTorch
 from sbpatch.patching import Integration, Target
 
 MODALITY = "text"  # cases() take a text victim (sbpatch.bench.text.TextVictim), texts and labels
@@ -68,8 +69,10 @@ def _locate(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]
     import torch
 
     modules = _modules_of(_victim(args, kwargs))
+    if not modules:  # a victim of another framework, or an API: nothing to freeze, nothing to warn about
+        return NotTorch()
     mlm = getattr(instance, "mlm_model", None)
-    if modules and isinstance(mlm, torch.nn.Module):
+    if isinstance(mlm, torch.nn.Module):
         modules.append(mlm)
     return modules
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from sbpatch.locate import NotTorch
 from sbpatch.patching import Integration, Target
 
 MODALITY = "text"  # cases() take a text victim (sbpatch.bench.text.TextVictim), texts and labels
@@ -44,8 +45,9 @@ def _modules_of(wrapper: Any) -> list[Any]:
 
 
 def _locate(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]:
-    """The module behind the goal function's model wrapper."""
-    return _modules_of(getattr(getattr(instance, "goal_function", None), "model", None))
+    """The module behind the goal function's model wrapper; NotTorch for a wrapper of another framework
+    (scikit-learn, TensorFlow)."""
+    return _modules_of(getattr(getattr(instance, "goal_function", None), "model", None)) or NotTorch()
 
 
 def _keep_embedding(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> list[Any]:
