@@ -187,8 +187,16 @@ def main() -> int:
     p.add_argument("--calls", type=int, default=500, help="calls per round for the per-call rows")
     p.add_argument("--baseline", help="an sbpatch source tree to measure the per-call rows with too (a worktree)")
     p.add_argument("--calls-only", action="store_true", help="only the per-call rows, as JSON on stdout")
+    p.add_argument("--from-json", metavar="FILE", help="only rewrite rules_cost.md from a rules_cost.json")
     args = p.parse_args()
     machine = _common.setup(args)
+    if args.from_json:
+        with open(args.from_json) as f:
+            text = render(json.load(f))
+        with open(os.path.join(args.out, "rules_cost.md"), "w") as f:
+            f.write(text)
+        print(text)
+        return 0
     if args.calls_only:
         print(json.dumps(call_rows(args.rounds, args.calls)))
         return 0
@@ -205,12 +213,22 @@ def main() -> int:
         out = subprocess.run([sys.executable, __file__, "--calls-only", "--rounds", str(args.rounds), "--calls",
                               str(args.calls)], env=env, capture_output=True, text=True, check=True).stdout
         result["call_baseline"] = json.loads(out.strip().splitlines()[-1])
+        result["baseline"] = _describe(args.baseline)
     result["elapsed_s"] = time.time() - started
     _common.write(args, "rules_cost", result)
     with open(os.path.join(args.out, "rules_cost.md"), "w") as f:
         f.write(render(result))
     print(render(result))
     return 0
+
+
+def _describe(tree: str) -> str:
+    """The baseline tree's commit, when it is a git checkout."""
+    try:
+        return subprocess.run(["git", "-C", tree, "log", "-1", "--format=commit %h, %cs"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return tree
 
 
 def render(r: dict[str, Any]) -> str:
@@ -228,22 +246,32 @@ def render(r: dict[str, Any]) -> str:
         "The mode's round trip "
         f"alone: {r['mode_call_us']:.2f} us per torch call.",
         "",
-        "| model | px | step | sbpatch adds (quartiles) | share | torch calls per forward | kept live |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "*mode per forward*: torch calls per forward x the round trip (the robust figure); *measured*: the paired "
+        "difference of whole steps (its quartiles show how much a shared machine's noise hides at this size).",
+        "",
+        "| model | px | step | torch calls per forward | mode per forward | share of the step | measured (quartiles) "
+        "| kept live |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in r["forward"]:
+        mode_us = row["torch_calls_per_forward"] * r["mode_call_us"]
         lines.append(
-            f"| {row['model']} | {row['px']} | {row['step_ms']:.1f} ms | {row['added_us']:.0f} us "
-            f"({row['added_q1_us']:.0f} to {row['added_q3_us']:.0f}) | {row['added_pct']:.2f}% | "
-            f"{row['torch_calls_per_forward']} | {row['kept_live']} of {row['parameters']} |"
+            f"| {row['model']} | {row['px']} | {row['step_ms']:.1f} ms | {row['torch_calls_per_forward']} | "
+            f"{mode_us:.0f} us | {100 * mode_us / (row['step_ms'] * 1e3):.3f}% | {row['added_us']:.0f} us "
+            f"({row['added_q1_us']:.0f} to {row['added_q3_us']:.0f}) | {row['kept_live']} of {row['parameters']} |"
         )
     lines += ["", "## Per frozen call (`with sbpatch.frozen(model): pass`)", "",
               "| model | source | frozen call | tree check | mode push + pop |", "| --- | --- | --- | --- | --- |"]
+    base = {row["model"]: row for row in r.get("call_baseline", [])}
     for label, rows in (("this tree", r["call"]), ("baseline", r.get("call_baseline", []))):
         for row in rows:
             tree = f"{row['tree_check_us']:.1f} us" if "tree_check_us" in row else "-"
             mode = f"{row['mode_push_pop_us']:.1f} us" if "mode_push_pop_us" in row else "-"
             lines.append(f"| {row['model']} | {label} | {row['frozen_call_us']:.1f} us | {tree} | {mode} |")
+    if base:
+        ratios = ", ".join(f"{row['model']} {row['frozen_call_us'] / base[row['model']]['frozen_call_us']:.2f}x"
+                           for row in r["call"] if row["model"] in base)
+        lines += ["", f"This tree's frozen call over the baseline's: {ratios} (baseline: {r.get('baseline', '')})."]
     return "\n".join(lines) + "\n"
 
 
