@@ -950,8 +950,9 @@ def release_all() -> int:
     """Give back every parameter sbpatch holds, whatever holds it; returns how many parameters were held.
 
     For a notebook after a Ctrl-C landed where no ``finally`` could run (e.g. as a ``with sbpatch.frozen(...)``
-    block was leaving): the flags, ``.grad`` buffers set aside and probe hooks are put back as if every frozen call
-    had ended. Never call it while an attack is running in another thread: that call's model would be unfrozen.
+    block was leaving): the flags, ``.grad`` buffers set aside, probe hooks and this thread's operand mode are put
+    back as if every frozen call had ended. Never call it while an attack is running in another thread: that call's
+    model would be unfrozen.
     """
     _reap()
     with _lock:
@@ -973,6 +974,8 @@ def release_all() -> int:
             p.grad = grad
             del _guards[key]
         _release_state()
+    if _operands_module is not None:  # this thread's operand mode, left by a call that never ended
+        _operands_module.sweep(idle=True)
     return count
 
 

@@ -390,6 +390,7 @@ def test_release_all_gives_back_everything_whatever_holds_it():
     assert (flags(a), flags(b)) == before and freeze.held_count() == 0 and kept.grad is grad
     assert not any(m._forward_pre_hooks for m in b.modules()), "probe hooks removed"
     assert "requires_grad" not in nn.Parameter.__dict__, "write watch removed"
+    assert operands.active() is None and torch._C._len_torch_function_stack() == 0, "operand mode removed"
     with sbpatch.frozen(a):  # business as usual afterwards
         assert not a.head.weight.requires_grad
     assert flags(a) == before[0]
