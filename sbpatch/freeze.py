@@ -13,13 +13,12 @@ Rules (docs/architecture.md, docs/kernels.md):
 * every step is written so that an asynchronous exception (KeyboardInterrupt from a signal handler) landing at any
   bytecode leaves a state that a second :func:`release` finishes: registrations are sets (idempotent), and a
   restoration is marked done only after it happened;
-* kernel-preserving rules keep live the weights whose ``requires_grad`` changes the kernel PyTorch runs, learned
-  from what the model actually does: during a frozen call a forward pre-hook on each ``nn.Linear`` (and on each
-  ``nn.MultiheadAttention`` with ``batch_first=False``) makes its weight live again, before the layer runs, when its
-  input cannot be folded into one matrix without a copy (torch's ``should_fold``); the weight then stays live for
-  that module's later calls. ``nn.MultiheadAttention(batch_first=True)`` keeps its in-projections live from the
-  start (its transposed input, and the fused fast path decided before any hook runs). Users add static rules with
-  :func:`add_keep_rule`. Kept parameters' ``.grad`` is set aside for the call and put back.
+* kernel-preserving rules (what stays live and why: :mod:`sbpatch.rules`) keep the live model's kernels: products
+  are decided at their operands by :mod:`sbpatch.operands` (a torch function mode pushed for the call, which runs
+  an op on a live alias of a frozen weight where the flag decides the kernel); this module builds the static keeps
+  into each group, installs the forward pre-hook probes for what the mode cannot see (RNN input projections inside
+  ``_VF`` calls, CUDA batch norm), which make a weight live again for the rest of the call, and the hooks that set
+  the mode aside while a fast-path module runs. Kept parameters' ``.grad`` is set aside for the call and put back.
 """
 
 from __future__ import annotations
