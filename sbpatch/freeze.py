@@ -155,7 +155,7 @@ class Group:
         self.cuda_probes: tuple[tuple[Any, _Probe], ...] = ()
         # modules whose fused fast path is chosen only when no torch function mode is active (operands.py): the mode
         # is set aside while they run
-        self.quiet: tuple[tuple[Any, _Quiet], ...] = ()
+        self.quiet: tuple[Any, ...] = ()  # weak references to those modules
         self.holders: set[Holder] = set()
         self.owned: list[Any] = []  # parameters this group set to False while exclusive
         self.key = ("sbpatch", id(self))
@@ -340,7 +340,7 @@ def _module_group(module: Any) -> Group:
     group = Group(frozen_, kept_)
     _fingerprint(group, module)
     group.probes = tuple((weakref.ref(sub), _Probe(group, *spec)) for sub, *spec in probes)
-    group.quiet = tuple((weakref.ref(sub), _QUIET_PRE) for sub in quiet)
+    group.quiet = tuple(map(weakref.ref, quiet))
     group.cuda_probes = tuple((weakref.ref(sub), _Probe(group, *spec)) for sub, *spec in cuda_probes)
     for name, reason in kept_why:
         _note_kept(name, reason)
@@ -731,7 +731,7 @@ def _freeze(group: Group) -> None:
             if len(hooks) > 1:  # run before a legacy weight_norm hook recomputes the weight from its originals
                 hooks.move_to_end(key, last=False)
             sub._forward_pre_hooks_with_kwargs[key] = True
-    for ref, _ in group.quiet:
+    for ref in group.quiet:
         sub = ref()
         if sub is not None:
             sub._forward_pre_hooks[key] = _QUIET_PRE
@@ -789,7 +789,7 @@ def _unfreeze(group: Group) -> None:
         if sub is not None:
             sub._forward_pre_hooks.pop(key, None)
             sub._forward_pre_hooks_with_kwargs.pop(key, None)
-    for ref, _ in group.quiet:
+    for ref in group.quiet:
         sub = ref()
         if sub is not None:
             sub._forward_pre_hooks.pop(key, None)
