@@ -129,6 +129,12 @@ def paired(r: dict[str, Any], metric: str, other: str) -> tuple[float, float, fl
     return q1, q2, q3
 
 
+def _pgd(r: dict[str, Any]) -> bool:
+    """Whether the row's attack is a PGD: the hand-written PGD limit is its lower bound; on any other attack (SPSA)
+    it would time a different attack, so that cell stays empty."""
+    return "PGD" in r["attack"]
+
+
 def _yes(value: Any) -> str:
     return {True: "yes", False: "**NO**", None: "-"}[value]
 
@@ -149,7 +155,8 @@ def markdown(data: dict[str, Any]) -> str:
         "with the same seeds, at the timed batch and at batch 2. *per round*: sbpatch's speed over the one-liner's "
         "in each round (paired: both in the same round), median [quartiles]. *spread*: half the relative range of "
         "the rounds of as shipped, one-liner and sbpatch (the largest). *met*: sbpatch >= as shipped and >= the "
-        "one-liner, each within the sum of the two columns' spreads.",
+        "one-liner, each within the sum of the two columns' spreads. *limit*: the hand-written PGD, given on PGD rows "
+        "only (on another attack it would time a different attack).",
         "",
         "| model | B | attack | identical: sbpatch / one-liner | one-liner | sbpatch | limit | sbpatch / one-liner "
         "per round | spread | met |",
@@ -171,9 +178,10 @@ def markdown(data: dict[str, Any]) -> str:
         spread = max(r["spread"].values())
         met = all(r["targets"].values())
         q1, q2, q3 = paired(r, metric, "oneliner")
+        limit = cell("limit") if _pgd(r) else ""
         lines.append(
             f"| {label} | {r['batch']} | {attack} | {_yes(r['identical'])} / {_yes(r['oneliner_identical'])} | "
-            f"{cell('oneliner')} | {cell('sbpatch')} | {cell('limit')} | {q2:.2f} [{q1:.2f}-{q3:.2f}] | "
+            f"{cell('oneliner')} | {cell('sbpatch')} | {limit} | {q2:.2f} [{q1:.2f}-{q3:.2f}] | "
             f"+-{spread:.0%} | {_yes(met)} |"
         )
     lines += ["", "## Summary", ""] + [f"- {s}" for s in data["summary"]]
