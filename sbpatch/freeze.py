@@ -144,7 +144,8 @@ class Group:
     """Parameters frozen together (one module's, cached), by weak reference, and their current holders."""
 
     __slots__ = (
-        "__weakref__", "cuda_probes", "holders", "key", "kept", "mids", "mods", "owned", "probes", "quiet", "refs",
+        "__weakref__", "cuda_probes", "holders", "key", "kept", "mids", "mods", "owned", "parts", "plain", "probes",
+        "quiet", "refs", "roots",
     )
 
     def __init__(self, params: Iterable[Any], kept: Iterable[Any] = ()) -> None:
@@ -156,12 +157,19 @@ class Group:
         # modules whose fused fast path is chosen only when no torch function mode is active (operands.py): the mode
         # is set aside while they run
         self.quiet: tuple[Any, ...] = ()  # weak references to those modules
+        # the modules the group was built from (weakly): while a call running the mode holds the group, a forward of
+        # one of them in another thread pushes a mode there for that forward (operands.guest_begin)
+        self.roots: tuple[Any, ...] = ()
         self.holders: set[Holder] = set()
         self.owned: list[Any] = []  # parameters this group set to False while exclusive
         self.key = ("sbpatch", id(self))
         # what the module tree looked like when the group was built (see _unchanged)
         self.mods: tuple[Any, ...] = ()  # weak references to the modules of the tree
         self.mids: list[int] | None = None  # None: no fingerprint (TorchScript)
+        # call signatures (operands.signature) under which a call holding this group needed no operand rule
+        self.plain: set[Any] = set()
+        # the cached module groups a composite group (keep, parameters) was built from: they hold what it learns
+        self.parts: tuple[Group, ...] = ()
 
 
 class _Probe:
@@ -228,7 +236,9 @@ class _Probe:
 class _Quiet:
     """Forward pre-hook and always-called forward hook (``kind``) that set sbpatch's torch function mode aside while
     a module runs whose fast path (``torch._native_multi_head_attention``, the fused encoder layer) is refused when
-    any mode is active. Their in-projections are kept live statically, so the mode has nothing to do inside."""
+    any mode is active. Their in-projections are kept live statically, so the mode has nothing to do inside. Kinds
+    ``guest_pre``/``guest_post``: on a group's root modules, push a mode for a forward run in another thread than
+    the frozen call's (:func:`sbpatch.operands.guest_begin`)."""
 
     __slots__ = ("kind",)
 
@@ -238,7 +248,7 @@ class _Quiet:
     def __call__(self, module: Any, *_: Any) -> None:
         from sbpatch import operands
 
-        (operands.quiet_begin if self.kind == "pre" else operands.quiet_end)(module)
+        getattr(operands, _QUIET_CALLS[self.kind])(module)
         return None
 
     def __deepcopy__(self, memo: dict) -> _Quiet:
@@ -251,8 +261,11 @@ class _Quiet:
         return (_inert_probe, ())
 
 
+_QUIET_CALLS = {"pre": "quiet_begin", "post": "quiet_end", "guest_pre": "guest_begin", "guest_post": "guest_end"}
 _QUIET_PRE = _Quiet("pre")
 _QUIET_POST = _Quiet("post")
+_GUEST_PRE = _Quiet("guest_pre")
+_GUEST_POST = _Quiet("guest_post")
 _dynamo_safe: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
@@ -341,6 +354,8 @@ def _module_group(module: Any) -> Group:
     _fingerprint(group, module)
     group.probes = tuple((weakref.ref(sub), _Probe(group, *spec)) for sub, *spec in probes)
     group.quiet = tuple(map(weakref.ref, quiet))
+    with contextlib.suppress(TypeError):
+        group.roots = (weakref.ref(module),)
     group.cuda_probes = tuple((weakref.ref(sub), _Probe(group, *spec)) for sub, *spec in cuda_probes)
     for name, reason in kept_why:
         _note_kept(name, reason)
@@ -488,13 +503,19 @@ def collect(targets: Iterable[Any], keep: Iterable[Any] = ()) -> list[Group]:
     seen: set[int] = set()
     probes: list[tuple[Any, _Probe]] = []
     cuda_probes: list[tuple[Any, _Probe]] = []
+    quiet: list[Any] = []
+    roots_: list[Any] = []
+    parts: list[Group] = []
     for r in roots:
         if isinstance(r, module_type):
             group = _module_group(r)
+            parts.append(group)
             members = [p for p in map(_deref, group.refs) if p is not None]
             kept_members = [p for p in map(_deref, group.kept) if p is not None]
             probes.extend(group.probes)
             cuda_probes.extend(group.cuda_probes)
+            quiet.extend(group.quiet)
+            roots_.extend(group.roots)
         else:
             members, kept_members = [r], []
         for p in members:
@@ -513,6 +534,9 @@ def collect(targets: Iterable[Any], keep: Iterable[Any] = ()) -> list[Group]:
     group.cuda_probes = tuple(
         (sub, _Probe(group, pr.name, pr.paths, pr.has_bias, pr.kind)) for sub, pr in cuda_probes
     )
+    group.quiet = tuple(quiet)
+    group.roots = tuple(roots_)
+    group.parts = tuple(parts)
     return [group]
 
 
@@ -638,9 +662,12 @@ _COPY_WRAPPERS = (("Parameter", "__deepcopy__", _param_deepcopy), ("Parameter", 
                   ("Module", "__getstate__", _module_getstate))
 
 
-def _copies(on: bool) -> None:
+def _copies(on: bool, wrappers: tuple[tuple[str, str, Any], ...] = _COPY_WRAPPERS[:2]) -> None:
+    """Install (``on``) the parameter wrappers, or remove every copy wrapper. nn.Module's is installed only while a
+    frozen call has hooks on some module (:func:`_copies_of_modules`): writing an attribute of nn.Module clears the
+    attribute caches of every module class, which a call without hooks need not pay."""
     nn = _torch.nn
-    for owner_name, attr, wrapper in _COPY_WRAPPERS:
+    for owner_name, attr, wrapper in wrappers if on else _COPY_WRAPPERS:
         owner = getattr(nn, owner_name)
         current = owner.__dict__.get(attr)
         if current is None:  # torch no longer defines it here: nothing to wrap
@@ -652,6 +679,11 @@ def _copies(on: bool) -> None:
             setattr(owner, attr, _copy_originals[(owner, attr)])
 
 
+def _copies_of_modules() -> None:
+    """Strip sbpatch's hooks from modules copied during the call (removed with the other copy wrappers)."""
+    _copies(True, _COPY_WRAPPERS[2:])
+
+
 def _wanted_false(p: Any) -> bool:
     """Whether the user set ``p.requires_grad = False`` while sbpatch held it (then it stays False)."""
     return _writes.pop(id(p), None) is False
@@ -660,8 +692,9 @@ def _wanted_false(p: Any) -> bool:
 # --- acquire / release ---------------------------------------------------------------------------------------
 
 
-def acquire(groups: Iterable[Group], holder: Holder) -> None:
-    """Freeze ``groups`` for ``holder``. A group already held only records the new holder.
+def acquire(groups: Iterable[Group], holder: Holder, mode: bool = True) -> None:
+    """Freeze ``groups`` for ``holder``. A group already held only records the new holder. ``mode``: the call runs
+    the operand mode, so the modules whose fast path a mode would refuse get the hooks that set it aside.
 
     Written so that an exception landing at any point leaves what :func:`release` undoes: the holder is
     registered before anything is frozen, and only what was registered gets restored.
@@ -676,6 +709,29 @@ def acquire(groups: Iterable[Group], holder: Holder) -> None:
             group.holders.add(holder)
             if len(group.holders) == 1:
                 _freeze(group)
+            if mode and (group.quiet or group.roots):
+                _mode_hooks_on(group)
+
+
+def _mode_hooks_on(group: Group) -> None:
+    """Hook the fast-path modules of ``group`` and its roots (idempotent: a call running the mode may join a call
+    that did not). A root's guest pre-hook runs first and its guest forward hook last, around any quiet hooks."""
+    key = group.key
+    for ref in group.quiet:
+        sub = ref()
+        if sub is not None:
+            sub._forward_pre_hooks[key] = _QUIET_PRE
+            sub._forward_hooks[key] = _QUIET_POST
+            sub._forward_hooks_always_called[key] = True
+    guest = (*key, "thread")
+    for ref in group.roots:
+        root = ref()
+        if root is not None and guest not in root._forward_pre_hooks:
+            root._forward_pre_hooks[guest] = _for_dynamo(_GUEST_PRE)  # pushes a mode: never traced
+            root._forward_pre_hooks.move_to_end(guest, last=False)
+            root._forward_hooks[guest] = _for_dynamo(_GUEST_POST)
+            root._forward_hooks_always_called[guest] = True
+    _copies_of_modules()
 
 
 def _freeze(group: Group) -> None:
@@ -731,12 +787,8 @@ def _freeze(group: Group) -> None:
             if len(hooks) > 1:  # run before a legacy weight_norm hook recomputes the weight from its originals
                 hooks.move_to_end(key, last=False)
             sub._forward_pre_hooks_with_kwargs[key] = True
-    for ref in group.quiet:
-        sub = ref()
-        if sub is not None:
-            sub._forward_pre_hooks[key] = _QUIET_PRE
-            sub._forward_hooks[key] = _QUIET_POST
-            sub._forward_hooks_always_called[key] = True
+    if probes:
+        _copies_of_modules()
     _watch(True)
 
 
@@ -795,6 +847,13 @@ def _unfreeze(group: Group) -> None:
             sub._forward_pre_hooks.pop(key, None)
             sub._forward_hooks.pop(key, None)
             sub._forward_hooks_always_called.pop(key, None)
+    guest = (*key, "thread")
+    for ref in group.roots:
+        root = ref()
+        if root is not None:
+            root._forward_pre_hooks.pop(guest, None)
+            root._forward_hooks.pop(guest, None)
+            root._forward_hooks_always_called.pop(guest, None)
     for r in group.kept:
         p = r()
         if p is None:
@@ -1017,19 +1076,35 @@ def call_frozen(targets: Iterable[Any], keep: Iterable[Any], fn: Callable[..., A
     holder = Holder()
     operands = _operands()
     mark = operands.depth()
+    learn = None
     try:
         try:
-            acquire(collect(targets, keep), holder)
+            if not isinstance(targets, list):
+                targets = list(targets)
+            groups = collect(targets, keep)
+            sig = operands.signature(fn, args, kwargs, targets)
+            if sig is not None and keep:
+                sig = (sig, tuple(k if isinstance(k, str) else id(k) for k in keep))
+            learners = [p for g in groups for p in (g.parts or (g,))]
+            plain = sig is not None and all(sig in g.plain for g in learners)  # an earlier call needed no rule
+            acquire(groups, holder, mode=not plain)
             sync = _comm_free(targets)
-            operands.enter()
+            if not plain:
+                operands.enter()
+                if sig is not None:
+                    learn = (sig, learners, operands.hits())
         except Exception:  # never break the user's call because freezing failed
             if not _freeze_failed:
                 _freeze_failed = True
                 log.warning("sbpatch could not freeze the model; running the call unpatched", exc_info=True)
             release(holder)
             sync = contextlib.nullcontext()
+            learn = None
         with sync:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+        if learn is not None and operands.hits() == learn[2]:
+            _learn_plain(*learn[:2])
+        return result
     finally:
         try:
             operands.leave_above(mark)
@@ -1038,6 +1113,18 @@ def call_frozen(targets: Iterable[Any], keep: Iterable[Any], fn: Callable[..., A
             operands.leave_above(mark)
             release(holder)
             raise
+
+
+_PLAIN_MAX = 64  # signatures remembered per group (a caller whose arguments change every call never repeats one)
+
+
+def _learn_plain(sig: Any, groups: list[Group]) -> None:
+    """Remember that a call with signature ``sig`` on ``groups`` gave no operand a live alias."""
+    for group in groups:
+        plain = group.plain
+        if len(plain) >= _PLAIN_MAX:
+            plain.clear()
+        plain.add(sig)
 
 
 def _leave_mode(mark: list[Any]) -> None:

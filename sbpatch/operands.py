@@ -189,6 +189,8 @@ class OperandMode(TorchFunctionMode):
         frozen_ = [p for p in sources.values() if freeze.frozen_by_sbpatch(p)]
         if not frozen_:
             return t
+        global _hits
+        _hits += 1
         for p in frozen_:
             if id(p) not in self.noted:
                 self.noted.add(id(p))
@@ -300,12 +302,13 @@ _RULES: dict[Any, Any] = {
 class _State:
     """One thread's mode and how many frozen calls hold it."""
 
-    __slots__ = ("depth", "mode", "quiet")
+    __slots__ = ("depth", "guest", "mode", "quiet")
 
     def __init__(self) -> None:
         self.depth = 0
         self.mode: OperandMode | None = None
         self.quiet: list[int] = []
+        self.guest: list[tuple[int, bool]] = []  # (id of the module, whether its guest_begin entered the mode)
 
 
 # thread ident -> its state; a frozen() block may be exited from another thread than the one that entered it
@@ -385,6 +388,7 @@ def sweep(idle: bool = False) -> None:
         return
     if idle:
         state.depth = 0
+        state.guest = []
     if state.depth == 0 and state.mode is not None:
         _remove(state.mode)
         state.mode = None
@@ -410,6 +414,22 @@ def quiet_end(module: Any) -> None:
             torch._C._push_on_torch_function_stack(state.mode)
 
 
+def guest_begin(module: Any) -> None:
+    """A frozen model (held by a call running the mode) starts a forward: in a thread where no frozen call runs the
+    mode (a thread pool inside the attack), push one for that forward, so its products get the rules too."""
+    state = _state()
+    entered = state.depth == 0
+    if entered:
+        enter()
+    state.guest.append((id(module), entered))
+
+
+def guest_end(module: Any) -> None:
+    state = _states.get(threading.get_ident())
+    if state is not None and state.guest and state.guest[-1][0] == id(module) and state.guest.pop()[1]:
+        leave()
+
+
 def _remove(mode: Any) -> None:
     stack = torch._C._len_torch_function_stack()
     if stack == 0:
@@ -430,7 +450,71 @@ def _remove(mode: Any) -> None:
             torch._C._push_on_torch_function_stack(m)
 
 
+_hits = 0  # live aliases given so far, by every mode in every thread
+
+
+def hits() -> int:
+    """How many live aliases the modes of all threads have given so far: a call during which it does not move needed
+    no rule (see :func:`signature`; a rule firing in another thread meanwhile only makes that call not learn)."""
+    return _hits
+
+
 def active() -> OperandMode | None:
     """This thread's mode, while a frozen call runs in it."""
     state = _states.get(threading.get_ident())
     return None if state is None or state.depth == 0 else state.mode
+
+
+# --- which calls need the mode ----------------------------------------------------------------------------------------
+# The mode costs a Python round trip on every torch call the attack makes (rules_cost.md); on a small model that is a
+# tenth of the attack. Whether a product's kernel depends on a frozen operand's flag is decided by the operands'
+# dimensions, strides and origins, which the model's code and the call's inputs fix: a later call of the same function
+# with arguments of the same shapes, strides, dtypes, devices and flags, under the same grad mode and training flags,
+# runs the same products. So a call whose mode gave no live alias is remembered (per group, by its signature), and such
+# later calls run without the mode. A ``with frozen(...)`` block has no arguments to compare: it always runs the mode.
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+_MAX_ITEMS = 16  # items of a list/tuple/dict argument looked at; a longer one is described by its type and length
+
+
+def _describe(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, _Tensor):
+        return (value.shape, value.stride(), value.dtype, value.device, value.requires_grad, value.layout)
+    if isinstance(value, _SCALARS):
+        return value
+    kind = type(value)
+    if kind in (list, tuple) and depth < 2:
+        if len(value) > _MAX_ITEMS:
+            return (kind, len(value))
+        return (kind, *(_describe(v, depth + 1) for v in value))
+    if kind is dict and depth < 2:
+        if len(value) > _MAX_ITEMS:
+            return (kind, len(value))
+        return (kind, *((k, _describe(v, depth + 1)) for k, v in value.items() if isinstance(k, _SCALARS)))
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "strides"):  # a numpy array (ART, foolbox's numpy models)
+        return (kind, tuple(shape), tuple(value.strides), str(getattr(value, "dtype", "")))
+    return kind
+
+
+_autocast = getattr(torch, "is_autocast_enabled", None)
+
+
+def signature(fn: Any, args: tuple, kwargs: dict, targets: Any) -> Any:
+    """What fixes the products of ``fn(*args, **kwargs)`` on ``targets``, hashable; None when it cannot be told
+    (then the call runs the mode). Costs a few microseconds: one tuple per argument."""
+    try:
+        sig = (
+            getattr(fn, "__func__", fn),
+            _grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            _autocast("cpu") if _autocast is not None else None,
+            _autocast("cuda") if _autocast is not None else None,
+            tuple(t.training if isinstance(t, torch.nn.Module) else id(t) for t in targets),
+            tuple(map(_describe, args)),
+            tuple((k, _describe(v)) for k, v in kwargs.items()) if kwargs else (),
+        )
+        hash(sig)
+    except Exception:  # an argument that cannot be described: run the mode
+        return None
+    return sig

@@ -244,6 +244,134 @@ def test_torchattacks_cw_end_to_end_with_a_transposing_pre_hook():
     assert compare("torchattacks", "CW(pre-hook)", model, lambda: attack(x, y), "frames").result == "identical"
 
 
+
+
+def test_products_in_a_worker_thread_get_the_rules():
+    """A forward of the frozen model run in another thread (a thread pool inside the attack) gets a mode of its own
+    for that forward: identical to the live model, no parameter made live, no ``.grad``, no mode left behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, x, _ = find_sensitive(_frames(HEADS["layer.forward(x.mT)"]), _probe, what="forward in a worker thread")
+    expected = _probe(model, x)
+    with ThreadPoolExecutor(1) as pool:
+        with sbpatch.frozen(model):
+            seen = pool.submit(lambda: [p.requires_grad for p in model.parameters()]).result()
+            got = pool.submit(_probe, model, x).result()
+        assert pool.submit(operands.active).result() is None
+    assert identical(expected, got)
+    assert not any(seen)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_fast_path_module_as_the_root_in_a_worker_thread():
+    """A batch-first MultiheadAttention as the model itself, run in a worker thread: the worker's mode is set aside
+    while it runs (its fast path), as in the calling thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    q = torch.randn(3, 5, 16)
+
+    def query() -> torch.Tensor:
+        with torch.no_grad():
+            return mha(q, q, q, need_weights=False)[0]
+
+    expected = query()
+    with ThreadPoolExecutor(1) as pool, sbpatch.frozen(mha):
+        got = pool.submit(query).result()
+    assert torch.equal(expected, got)
+
+# --- which calls run the mode -------------------------------------------------------------------------------------
+
+
+def _moded_calls(model: nn.Module, run: Callable[[], Any], calls: int) -> tuple[list[bool], list[Any]]:
+    """Run a patched ``run`` ``calls`` times: whether the operand mode was active in each call's first forward, and
+    each call's result."""
+    seen: list[bool] = []
+    results = []
+    handle = model.register_forward_pre_hook(lambda mod, a: seen.append(operands.active() is not None))
+    try:
+        for _ in range(calls):
+            before = len(seen)
+            torch.manual_seed(0)
+            results.append(run())
+            seen[before + 1:] = []
+    finally:
+        handle.remove()
+    return seen, results
+
+
+def _unpatched(run: Callable[[], Any]) -> Any:
+    torch.manual_seed(0)
+    with sbpatch.paused():
+        return run()
+
+
+def test_a_call_that_needed_no_rule_teaches_that_its_signature_needs_no_mode():
+    """The first call runs the mode and gives no alias (contiguous inputs): the next calls with arguments of the same
+    shapes run without it, and a call with another shape runs it again; every result identical to the library's."""
+    import torchattacks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    attack = torchattacks.PGD(model, eps=0.1, alpha=0.03, steps=2, random_start=True)
+    x, y = torch.rand(4, 3, 4), torch.tensor([0, 1, 2, 0])
+    seen, got = _moded_calls(model, lambda: attack(x, y), 3)  # every library is enabled in the tests
+    assert seen == [True, False, False], seen
+    seen_other, got_other = _moded_calls(model, lambda: attack(x[:3], y[:3]), 2)
+    assert seen_other == [True, False], seen_other
+    assert all(torch.equal(g, _unpatched(lambda: attack(x, y))) for g in got)
+    assert all(torch.equal(g, _unpatched(lambda: attack(x[:3], y[:3]))) for g in got_other)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_a_call_that_needed_a_rule_runs_the_mode_every_time():
+    """A Linear fed a transposed input (found sensitive on this CPU): every call runs the mode, every result is the
+    library's own."""
+    import torchattacks
+
+    def make(width: int) -> tuple[nn.Module, torch.Tensor]:
+        torch.manual_seed(width)
+        return Frames(width, lambda m, h: m.head(h.mT).mean(1)).eval(), torch.rand(4, 3, 20)
+
+    model, x, _ = find_sensitive(make, _probe, widths=range(2, 17), what="Linear on a transposed input")
+    y = torch.zeros(4, dtype=torch.long)
+    attack = torchattacks.PGD(model, eps=0.1, alpha=0.03, steps=2, random_start=True)
+    seen, got = _moded_calls(model, lambda: attack(x, y), 3)
+    assert seen == [True, True, True], seen
+    expected = _unpatched(lambda: attack(x, y))
+    assert all(torch.equal(g, expected) for g in got)
+
+
+def test_with_blocks_always_run_the_mode():
+    model = nn.Linear(4, 2)
+    for _ in range(2):
+        with sbpatch.frozen(model):
+            assert operands.active() is not None
+    assert operands.active() is None
+
+
+def test_signature_tells_shapes_strides_flags_and_grad_mode_apart():
+    def f() -> None:
+        pass
+
+    x = torch.randn(2, 3)
+    sig = operands.signature(f, (x,), {}, [])
+    assert sig == operands.signature(f, (torch.randn(2, 3),), {}, [])
+    others = [
+        operands.signature(f, (x.mT.contiguous().mT,), {}, []),  # same shape, other strides
+        operands.signature(f, (torch.randn(3, 3),), {}, []),
+        operands.signature(f, (x.double(),), {}, []),
+        operands.signature(f, (x.requires_grad_(),), {}, []),
+        operands.signature(f, (x,), {"k": 1}, []),
+        operands.signature(f, (x,), {}, [nn.Linear(1, 1).eval()]),
+    ]
+    with torch.no_grad():
+        others.append(operands.signature(f, (x,), {}, []))
+    assert all(o is not None and o != sig for o in others)
+    assert len(set(others)) == len(others)
+
 # --- property: random small modules of Linear and raw-parameter products on random strides ------------------------
 
 _OPS = ("linear", "linear_T", "raw_mT", "raw_left", "flinear_T", "rmatmul")
