@@ -6,12 +6,14 @@
   the operand mode's ``__torch_function__`` on every torch call the forward makes from Python, the fast-path hooks,
   and the call's freeze/restore. Also the number of torch calls the mode sees per forward, and their cost alone
   (measured on ``Tensor.dim``).
-* ``call``: ``with sbpatch.frozen(model): pass`` (the wrapper's per-call cost without the attack), and its parts: the
-  cache's tree check, and pushing and popping the operand mode.
+* ``call``: what a patched library's wrapper runs around an attack (``freeze.call_frozen`` on a no-op attack, once
+  the first call learned that the signature needs no operand mode), ``with sbpatch.frozen(model): pass`` (always
+  runs the mode), and their parts: the cache's tree check, the call signature, pushing and popping the mode.
 
 ViT-B/16 and ResNet50 at 224 px (the issue's figures), random weights, batch 1, CPU time (``time.process_time``) of
-one torch thread, rounds interleaved, medians. ``--baseline DIR`` also measures the ``call`` rows with the sbpatch
-source tree in DIR (e.g. a ``git worktree`` of an earlier commit) in a subprocess, for a side-by-side figure.
+one torch thread, rounds interleaved, medians. The ``call`` rows run in subprocesses (``--processes`` of them);
+``--baseline DIR`` also measures them with the sbpatch source tree in DIR (e.g. a ``git worktree`` of an earlier
+commit), its processes alternated with this tree's, for a side-by-side figure.
 
 Run: ``python benchmarks/rules_cost.py [--rounds N] [--px 224] [--baseline DIR]``; writes
 ``results/rules_cost.json`` and ``results/rules_cost.md``.
@@ -145,6 +147,8 @@ def forward_row(name: str, px: int, rounds: int) -> dict[str, Any]:
 
 
 def call_row(name: str, rounds: int, n: int) -> dict[str, Any]:
+    import torch
+
     import sbpatch
     from sbpatch import freeze
 
@@ -154,8 +158,18 @@ def call_row(name: str, rounds: int, n: int) -> dict[str, Any]:
         with sbpatch.frozen(model):
             pass
 
+    x = torch.rand(1, 3, 32, 32)
+
+    def attack(images: Any) -> None:
+        return None
+
+    def patched_call() -> None:  # what a patched library's wrapper runs around the attack
+        freeze.call_frozen([model], (), attack, (x,), {})
+
+    patched_call()  # the first call runs the operand mode and learns that this signature needs none
     row = {"model": name, "source": os.path.dirname(os.path.dirname(sbpatch.__file__)),
-           "frozen_call_us": _interleaved(lambda: None, frozen_call, n, rounds)["diff"] * 1e6}
+           "frozen_call_us": _interleaved(lambda: None, frozen_call, n, rounds)["diff"] * 1e6,
+           "patched_call_us": _interleaved(lambda: None, patched_call, n, rounds)["diff"] * 1e6}
     group = freeze._module_group(model)
     if hasattr(freeze, "_unchanged"):
         check = _interleaved(lambda: None, lambda: freeze._unchanged(group), n, rounds)
@@ -170,7 +184,11 @@ def call_row(name: str, rounds: int, n: int) -> dict[str, Any]:
         operands.leave()
 
     row["mode_push_pop_us"] = _interleaved(lambda: None, mode, n, rounds)["diff"] * 1e6
+    if hasattr(operands, "signature"):
+        sig = _interleaved(lambda: None, lambda: operands.signature(attack, (x,), {}, [model]), n, rounds)
+        row["signature_us"] = sig["diff"] * 1e6
     return row
+
 
 
 def call_rows(rounds: int, n: int) -> list[dict[str, Any]]:
@@ -187,6 +205,8 @@ def main() -> int:
     p.add_argument("--calls", type=int, default=500, help="calls per round for the per-call rows")
     p.add_argument("--baseline", help="an sbpatch source tree to measure the per-call rows with too (a worktree)")
     p.add_argument("--calls-only", action="store_true", help="only the per-call rows, as JSON on stdout")
+    p.add_argument("--processes", type=int, default=3,
+                   help="processes per tree for the per-call rows, alternated with the baseline's (default 3)")
     p.add_argument("--from-json", metavar="FILE", help="only rewrite rules_cost.md from a rules_cost.json")
     args = p.parse_args()
     machine = _common.setup(args)
@@ -207,19 +227,35 @@ def main() -> int:
     result: dict[str, Any] = {"meta": machine, "rounds": args.rounds}
     result["mode_call_us"] = per_call_of_the_mode(args.rounds) * 1e6
     result["forward"] = [forward_row(name, args.px, args.rounds) for name in MODELS]
-    result["call"] = call_rows(args.rounds, args.calls)
+    trees = {"call": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     if args.baseline:
-        env = dict(os.environ, PYTHONPATH=os.path.abspath(args.baseline))
-        out = subprocess.run([sys.executable, __file__, "--calls-only", "--rounds", str(args.rounds), "--calls",
-                              str(args.calls)], env=env, capture_output=True, text=True, check=True).stdout
-        result["call_baseline"] = json.loads(out.strip().splitlines()[-1])
+        trees["call_baseline"] = os.path.abspath(args.baseline)
         result["baseline"] = _describe(args.baseline)
+    runs: dict[str, list[list[dict[str, Any]]]] = {key: [] for key in trees}
+    for _ in range(args.processes):  # each tree in its own processes, alternated: a shared machine drifts
+        for key, tree in trees.items():
+            env = dict(os.environ, PYTHONPATH=tree)
+            out = subprocess.run([sys.executable, __file__, "--calls-only", "--rounds", str(args.rounds), "--calls",
+                                  str(args.calls)], env=env, capture_output=True, text=True, check=True).stdout
+            runs[key].append(json.loads(out.strip().splitlines()[-1]))
+    for key, per_run in runs.items():
+        result[key] = [_median_row(rows) for rows in zip(*per_run)]
+    result["processes"] = args.processes
     result["elapsed_s"] = time.time() - started
     _common.write(args, "rules_cost", result)
     with open(os.path.join(args.out, "rules_cost.md"), "w") as f:
         f.write(render(result))
     print(render(result))
     return 0
+
+
+def _median_row(rows: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """One model's per-call row: the median of each figure over the processes."""
+    out = dict(rows[0])
+    for key, value in rows[0].items():
+        if isinstance(value, float):
+            out[key] = statistics.median(r[key] for r in rows)
+    return out
 
 
 def _describe(tree: str) -> str:
@@ -260,18 +296,30 @@ def render(r: dict[str, Any]) -> str:
             f"{mode_us:.0f} us | {100 * mode_us / (row['step_ms'] * 1e3):.3f}% | {row['added_us']:.0f} us "
             f"({row['added_q1_us']:.0f} to {row['added_q3_us']:.0f}) | {row['kept_live']} of {row['parameters']} |"
         )
-    lines += ["", "## Per frozen call (`with sbpatch.frozen(model): pass`)", "",
-              "| model | source | frozen call | tree check | mode push + pop |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "## Per call: what sbpatch adds around an attack", "",
+              "*patched call*: what a patched library's wrapper runs around the attack (`freeze.call_frozen` on a "
+              "no-op attack, after the first call learned that its signature needs no operand mode); *with block*: "
+              "`with sbpatch.frozen(model): pass`, which always runs the mode; then the parts: the cache's tree check, "
+              "the call signature, pushing and popping the mode. ViT-B/16 at 32 px (the parameter count is what "
+              f"matters), ResNet50; medians of {r.get('processes', 1)} processes per tree, alternated with the "
+              "baseline's.",
+              "",
+              "| model | source | patched call | with block | tree check | signature | mode push + pop |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     base = {row["model"]: row for row in r.get("call_baseline", [])}
+
+    def us(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]:.1f} us" if key in row else "-"
+
     for label, rows in (("this tree", r["call"]), ("baseline", r.get("call_baseline", []))):
         for row in rows:
-            tree = f"{row['tree_check_us']:.1f} us" if "tree_check_us" in row else "-"
-            mode = f"{row['mode_push_pop_us']:.1f} us" if "mode_push_pop_us" in row else "-"
-            lines.append(f"| {row['model']} | {label} | {row['frozen_call_us']:.1f} us | {tree} | {mode} |")
+            lines.append(f"| {row['model']} | {label} | {us(row, 'patched_call_us')} | {us(row, 'frozen_call_us')} | "
+                         f"{us(row, 'tree_check_us')} | {us(row, 'signature_us')} | {us(row, 'mode_push_pop_us')} |")
     if base:
-        ratios = ", ".join(f"{row['model']} {row['frozen_call_us'] / base[row['model']]['frozen_call_us']:.2f}x"
-                           for row in r["call"] if row["model"] in base)
-        lines += ["", f"This tree's frozen call over the baseline's: {ratios} (baseline: {r.get('baseline', '')})."]
+        for key, what in (("patched_call_us", "patched call"), ("frozen_call_us", "with block")):
+            ratios = ", ".join(f"{row['model']} {row[key] / base[row['model']][key]:.2f}x"
+                               for row in r["call"] if row["model"] in base and key in base[row["model"]])
+            lines += ["", f"This tree's {what} over the baseline's: {ratios} (baseline: {r.get('baseline', '')})."]
     return "\n".join(lines) + "\n"
 
 

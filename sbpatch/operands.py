@@ -191,14 +191,18 @@ class OperandMode(TorchFunctionMode):
             return t
         global _hits
         _hits += 1
+        serial = _hits
         for p in frozen_:
+            _aliased[id(p)] = (serial, weakref.ref(p))
             if id(p) not in self.noted:
                 self.noted.add(id(p))
                 freeze.note_operand(p, reason)
         try:
-            return t.detach().requires_grad_()
+            alias = t.detach().requires_grad_()
         except RuntimeError:  # e.g. an inference tensor: leave the op as it is
             return t
+        alias.register_post_accumulate_grad_hook(_accumulated)
+        return alias
 
 
 # --- the rules: one per op whose kernel depends on an operand's requires_grad -----------------------------------------
@@ -451,6 +455,32 @@ def _remove(mode: Any) -> None:
 
 
 _hits = 0  # live aliases given so far, by every mode in every thread
+# id(param) -> (value of _hits when it last got an alias, weak reference): what a call's aliases came from
+_aliased: dict[int, tuple[int, Any]] = {}
+_grads = 0  # aliases whose gradient a backward() accumulated (an attack calling backward(), not autograd.grad)
+
+
+def _accumulated(_alias: Any) -> None:
+    global _grads
+    _grads += 1
+
+
+def grads() -> int:
+    """How many times a backward() has accumulated a gradient into an alias, in every thread."""
+    return _grads
+
+
+def aliased_since(mark: int) -> list[Any]:
+    """The frozen parameters that got (or whose views or products got) a live alias after :func:`hits` was ``mark``."""
+    found = []
+    for key, (serial, ref) in list(_aliased.items()):
+        if serial > mark:
+            p = ref()
+            if p is None:
+                _aliased.pop(key, None)
+            else:
+                found.append(p)
+    return found
 
 
 def hits() -> int:

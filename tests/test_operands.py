@@ -326,21 +326,56 @@ def test_a_call_that_needed_no_rule_teaches_that_its_signature_needs_no_mode():
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
 
 
-def test_a_call_that_needed_a_rule_runs_the_mode_every_time():
-    """A Linear fed a transposed input (found sensitive on this CPU): every call runs the mode, every result is the
-    library's own."""
-    import torchattacks
-
+def _transposed_head() -> tuple[nn.Module, torch.Tensor]:
     def make(width: int) -> tuple[nn.Module, torch.Tensor]:
         torch.manual_seed(width)
         return Frames(width, lambda m, h: m.head(h.mT).mean(1)).eval(), torch.rand(4, 3, 20)
 
     model, x, _ = find_sensitive(make, _probe, widths=range(2, 17), what="Linear on a transposed input")
+    return model, x
+
+
+def test_a_rule_learned_under_autograd_grad_keeps_its_weight_live_instead_of_running_the_mode():
+    """A Linear fed a transposed input (found sensitive on this CPU), attacked with ``autograd.grad``: the first call
+    runs the mode and aliases the weight; later calls keep that weight live and run no mode (its weight gradient is
+    never computed: autograd prunes it); every result is the library's own, no ``.grad``, flags restored."""
+    import torchattacks
+
+    model, x = _transposed_head()
     y = torch.zeros(4, dtype=torch.long)
     attack = torchattacks.PGD(model, eps=0.1, alpha=0.03, steps=2, random_start=True)
-    seen, got = _moded_calls(model, lambda: attack(x, y), 3)
-    assert seen == [True, True, True], seen
+    live: list[bool] = []
+    handle = model.head.register_forward_pre_hook(lambda mod, a: live.append(mod.weight.requires_grad))
+    try:
+        seen, got = _moded_calls(model, lambda: attack(x, y), 3)
+    finally:
+        handle.remove()
+    assert seen == [True, False, False], seen
+    assert live[0] is False and live[-1] is True, live  # aliased in the first call, live in the last
     expected = _unpatched(lambda: attack(x, y))
+    assert all(torch.equal(g, expected) for g in got)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    frozen_during: list[bool] = []
+    handle = model.conv.register_forward_pre_hook(lambda mod, a: frozen_during.append(not mod.weight.requires_grad))
+    try:
+        attack(x, y)
+    finally:
+        handle.remove()
+    assert frozen_during and all(frozen_during)
+
+
+def test_a_rule_learned_under_backward_keeps_running_the_mode():
+    """The same model attacked with an attack that calls ``backward()`` (advertorch PGD): a live weight would get its
+    gradient computed, so every call runs the mode; every result is the library's own."""
+    from advertorch.attacks import LinfPGDAttack
+
+    model, x = _transposed_head()
+    y = torch.zeros(4, dtype=torch.long)
+    attack = LinfPGDAttack(model, eps=0.1, eps_iter=0.03, nb_iter=2)
+    seen, got = _moded_calls(model, lambda: attack.perturb(x, y), 3)
+    assert seen == [True, True, True], seen
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    expected = _unpatched(lambda: attack.perturb(x, y))  # as shipped: leaves .grad, which the calls above did not
     assert all(torch.equal(g, expected) for g in got)
 
 
