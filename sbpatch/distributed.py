@@ -46,6 +46,7 @@ _ddp_type: Any = None
 _fsdp_type: Any = None
 _wrapper_types: tuple[Any, ...] = ()
 _all_types = False
+_modules_seen = -1  # len(sys.modules) when _types() last looked
 _NULL = contextlib.nullcontext()
 _lock = threading.Lock()
 # id(wrapper) -> [holders, what the first holder changed (to restore)]
@@ -85,7 +86,14 @@ def comm_free(targets: Iterable[Any]) -> contextlib.AbstractContextManager:
     forward would broadcast the buffers, broadcasts them now, a collective every rank reaches once per attack call)
     and the last holder restores it.
     """
-    types = _wrapper_types if _all_types else _types()
+    if _all_types:
+        types = _wrapper_types
+    else:  # look again only once more modules are imported (a module never imported has no instance)
+        global _modules_seen
+        if len(sys.modules) != _modules_seen:
+            _modules_seen = len(sys.modules)
+            _types()
+        types = _wrapper_types
     if not types:
         return _NULL
     found = None

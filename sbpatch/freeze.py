@@ -33,7 +33,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any
 
 from sbpatch import rules
@@ -144,8 +144,8 @@ class Group:
     """Parameters frozen together (one module's, cached), by weak reference, and their current holders."""
 
     __slots__ = (
-        "__weakref__", "cuda_probes", "holders", "key", "kept", "mids", "live", "mods", "owned", "parts", "plain",
-        "probes", "quiet", "refs", "roots", "variants",
+        "__weakref__", "by_hash", "cuda_probes", "holders", "hooked", "key", "kept", "mids", "live", "mods", "owned",
+        "parts", "plain", "probes", "quiet", "refs", "roots", "variants",
     )
 
     def __init__(self, params: Iterable[Any], kept: Iterable[Any] = ()) -> None:
@@ -165,7 +165,9 @@ class Group:
         self.key = ("sbpatch", id(self))
         # what the module tree looked like when the group was built (see _unchanged)
         self.mods: tuple[Any, ...] = ()  # weak references to the modules of the tree
-        self.mids: list[int] | None = None  # None: no fingerprint (TorchScript)
+        self.mids: Any = None  # _tree_key of mods; None: no fingerprint (TorchScript)
+        self.by_hash = False  # every child hashes by identity: mids is the hash of the children
+        self.hooked = False  # the fast-path and guest hooks may be on (set before installing them)
         # call signatures (operands.signature) under which a call holding this group needed no operand rule
         self.plain: set[Any] = set()
         # the cached module groups a composite group (keep, parameters) was built from: they hold what it learns
@@ -373,16 +375,35 @@ def _module_group(module: Any) -> Group:
 _MODULES = operator.attrgetter("_modules")
 
 
-def _tree_ids(mods: tuple[Any, ...]) -> list[int] | None:
+def _children(mods: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """Which module fills each submodule slot of the modules in ``mods`` (C-level passes, no Python loop), or None
     when one of them is gone or is not a plain ``nn.Module`` (TorchScript)."""
-    modules = list(map(operator.call, mods))
+    modules = tuple(map(operator.call, mods))
     if None in modules:
         return None
     try:
-        return list(map(id, chain.from_iterable(map(dict.values, map(_MODULES, modules)))))
+        return tuple(chain.from_iterable(map(dict.values, map(_MODULES, modules))))
     except (TypeError, AttributeError, RuntimeError):  # not a dict (TorchScript), or changed by another thread
         return None
+
+
+def _tree_key(mods: tuple[Any, ...], by_hash: bool) -> Any:
+    """A value that changes whenever a slot of the tree gets another module: the hash of the children tuple when
+    every child hashes by identity (``object.__hash__``, C-level, about half the cost of listing their ids), else the
+    list of their ids."""
+    children = _children(mods)
+    if children is None:
+        return None
+    if not by_hash:
+        return list(map(id, children))
+    try:
+        return hash(children)
+    except TypeError:  # a slot now holds an unhashable object (torch itself cannot list such a tree): changed
+        return None
+
+
+def _identity_hashed(module: Any) -> bool:
+    return module is None or type(module).__hash__ is object.__hash__
 
 
 def _fingerprint(group: Group, module: Any) -> None:
@@ -396,12 +417,14 @@ def _fingerprint(group: Group, module: Any) -> None:
         group.mods = tuple(weakref.ref(m) for m in module.modules() if m._modules or m is module)
     except (TypeError, AttributeError):  # not weakly referenceable, or not a plain module: generation only
         group.mods = ()
-    group.mids = _tree_ids(group.mods) if group.mods else None
+    children = _children(group.mods) if group.mods else None
+    group.by_hash = children is not None and all(map(_identity_hashed, children))
+    group.mids = None if children is None else _tree_key(group.mods, group.by_hash)
 
 
 def _unchanged(group: Group) -> bool:
     """Whether the module tree is as it was when ``group`` was built."""
-    return group.mids is None or _tree_ids(group.mods) == group.mids
+    return group.mids is None or _tree_key(group.mods, group.by_hash) == group.mids
 
 
 # --- validating what users pass ------------------------------------------------------------------------------
@@ -497,10 +520,10 @@ def collect(targets: Iterable[Any], keep: Iterable[Any] = ()) -> list[Group]:
     parameters, modules, or names (relative to a target module) that stay live. Plain modules with no ``keep`` give
     their cached group; anything else gives one new group.
     """
-    torch = _ensure_torch()
+    torch = _torch or _ensure_torch()
     module_type = torch.nn.Module
-    if not keep and all(isinstance(t, module_type) for t in targets):
-        return [_module_group(t) for t in targets]
+    if not keep and all(map(isinstance, targets, repeat(module_type))):
+        return list(map(_module_group, targets))
     roots = targets_of(targets)
     params: list[Any] = []
     kept: list[Any] = []
@@ -589,6 +612,13 @@ def _requires_grad_(self: Any, requires_grad: bool = True) -> Any:
 
 
 _ours: list[Any] = []  # every property/method object sbpatch ever installed (plain and dynamo-safe variants)
+_classes: list[Any] = []  # nn.Parameter.__dict__ and nn.Module.__dict__, once torch is loaded
+_our_ids: set[int] = set()  # their ids (they are kept alive in _ours, so an id is never reused)
+
+
+def _own(*objects: Any) -> None:
+    _ours.extend(objects)
+    _our_ids.update(map(id, objects))
 
 
 def _watch(on: bool) -> None:
@@ -597,35 +627,39 @@ def _watch(on: bool) -> None:
     global _rg_descriptor, _rg_method, _rg_property
     param = _torch.nn.Parameter
     if _rg_property is None:
+        _classes.extend((param.__dict__, _torch.nn.Module.__dict__))  # live views of the two classes' attributes
         _rg_descriptor = _torch._C.TensorBase.__dict__["requires_grad"]
         _rg_method = _torch._C.TensorBase.requires_grad_
         functools.update_wrapper(_requires_grad_, _rg_method, assigned=("__doc__",))
         _rg_property = property(_rg_descriptor.__get__, _set_requires_grad, doc=_rg_descriptor.__doc__)
-        _ours.extend((_rg_property, _requires_grad_))
+        _own(_rg_property, _requires_grad_)
     attrs = param.__dict__
-    prop, meth = attrs.get("requires_grad"), attrs.get("requires_grad_")
     if on:
-        if "torch._dynamo" in sys.modules and _rg_property.fset is _set_requires_grad:
-            _rg_property = property(_rg_descriptor.__get__, _for_dynamo(_set_requires_grad), doc=_rg_descriptor.__doc__)
-            _ours.extend((_rg_property, _for_dynamo(_requires_grad_)))
-        if prop is None:
+        if "torch._dynamo" in sys.modules:
+            if _rg_property.fset is _set_requires_grad:
+                _rg_property = property(_rg_descriptor.__get__, _for_dynamo(_set_requires_grad),
+                                        doc=_rg_descriptor.__doc__)
+                _own(_rg_property, _for_dynamo(_requires_grad_))
+            method = _for_dynamo(_requires_grad_)
+        else:
+            method = _requires_grad_
+        if "requires_grad" not in attrs:
             param.requires_grad = _rg_property
-        if meth is None:
-            param.requires_grad_ = _for_dynamo(_requires_grad_)
+        if "requires_grad_" not in attrs:
+            param.requires_grad_ = method
     else:
-        if prop is not None and any(prop is o for o in _ours):
+        if id(attrs.get("requires_grad")) in _our_ids:
             del param.requires_grad
-        if meth is not None and any(meth is o for o in _ours):
+        if id(attrs.get("requires_grad_")) in _our_ids:
             del param.requires_grad_
-    _copies(on)
 
 
 # --- copies made during a frozen call ------------------------------------------------------------------------------
 # A model deep-copied, pickled or saved with torch.save while sbpatch holds it (a checkpoint callback inside an attack)
 # must come out as it was before the call: parameters sbpatch froze with requires_grad=True, and no sbpatch probe
-# hooks. While anything is held, nn.Parameter's __deepcopy__/__reduce_ex__ are thin wrappers over torch's own
-# (installed and removed with the write watch; judged from the class, like it); nn.Module's __getstate__ is wrapped
-# from the first call that hooks a module on (see _copies), a pass-through when no sbpatch hook exists.
+# hooks. From the first frozen call on, nn.Parameter's __deepcopy__/__reduce_ex__ and nn.Module's __getstate__ are
+# thin wrappers over torch's own (see _copies), pass-throughs for a parameter sbpatch did not freeze and a module with
+# no sbpatch hook: while nothing is held, every copy comes out exactly as torch makes it.
 
 _copy_originals: dict[tuple[Any, str], Any] = {}
 
@@ -667,30 +701,32 @@ _COPY_WRAPPERS = (("Parameter", "__deepcopy__", _param_deepcopy), ("Parameter", 
                   ("Module", "__getstate__", _module_getstate))
 
 
-def _copies(on: bool, wrappers: tuple[tuple[str, str, Any], ...] = _COPY_WRAPPERS[:2]) -> None:
-    """Install (``on``) or remove the ``wrappers`` (default: nn.Parameter's, installed and removed with each call).
+def _copies(on: bool, wrappers: tuple[tuple[str, str, Any], ...] = _COPY_WRAPPERS) -> None:
+    """Install (``on``) or remove the copy ``wrappers``; judged from the classes, never replaces someone else's.
 
-    nn.Module's ``__getstate__`` wrapper is installed by the first call that hooks a module
-    (:func:`_copies_of_modules`) and stays until :func:`release_all`: writing an attribute of nn.Module clears the
-    attribute caches of every module class (16% of a frozen call that hooks a module, measured on a ResNet50); with no
-    sbpatch hook on a module it returns torch's own state unchanged."""
+    Installed by the first frozen call and left in place until :func:`release_all`: writing a class attribute
+    clears the attribute caches of the class and its subclasses (for nn.Module, every module class: 16% of a frozen
+    call on a ResNet50), and installing and removing nn.Parameter's two on each call cost a tenth of a patched call.
+    With nothing held each one returns exactly what torch's own returns."""
     nn = _torch.nn
     for owner_name, attr, wrapper in wrappers:
-        owner = getattr(nn, owner_name)
+        owner = nn.Parameter if owner_name == "Parameter" else nn.Module
         current = owner.__dict__.get(attr)
         if current is None:  # torch no longer defines it here: nothing to wrap
             continue
-        if on and current is not wrapper:
-            _copy_originals[(owner, attr)] = current
-            setattr(owner, attr, wrapper)
-        elif not on and current is wrapper:
+        if current is not wrapper:
+            if on:
+                _copy_originals[(owner, attr)] = current
+                setattr(owner, attr, wrapper)
+        elif not on:
             setattr(owner, attr, _copy_originals[(owner, attr)])
 
 
-def _copies_of_modules() -> None:
-    """Strip sbpatch's hooks from modules copied during a call (see :func:`_copies`)."""
-    if _torch.nn.Module.__dict__.get("__getstate__") is not _module_getstate:
-        _copies(True, _COPY_WRAPPERS[2:])
+def _copies_on() -> None:
+    """Make copies taken during a call come out as the model was before it (see :func:`_copies`)."""
+    param, module = _classes
+    if param.get("__deepcopy__") is not _param_deepcopy or module.get("__getstate__") is not _module_getstate:
+        _copies(True)
 
 
 def _wanted_false(p: Any) -> bool:
@@ -726,6 +762,7 @@ def _mode_hooks_on(group: Group) -> None:
     """Hook the fast-path modules of ``group`` and its roots (idempotent: a call running the mode may join a call
     that did not). A root's guest pre-hook runs first and its guest forward hook last, around any quiet hooks."""
     key = group.key
+    group.hooked = True
     for ref in group.quiet:
         sub = ref()
         if sub is not None:
@@ -740,7 +777,6 @@ def _mode_hooks_on(group: Group) -> None:
             root._forward_pre_hooks.move_to_end(guest, last=False)
             root._forward_hooks[guest] = _for_dynamo(_GUEST_POST)
             root._forward_hooks_always_called[guest] = True
-    _copies_of_modules()
 
 
 def _freeze(group: Group) -> None:
@@ -796,9 +832,8 @@ def _freeze(group: Group) -> None:
             if len(hooks) > 1:  # run before a legacy weight_norm hook recomputes the weight from its originals
                 hooks.move_to_end(key, last=False)
             sub._forward_pre_hooks_with_kwargs[key] = True
-    if probes:
-        _copies_of_modules()
     _watch(True)
+    _copies_on()
 
 
 def _on_cuda(module: Any) -> bool:
@@ -837,7 +872,7 @@ def release(holder: Holder) -> None:
 
 def _unfreeze(group: Group) -> None:
     global _exclusive
-    if _active <= {group}:
+    if not _active or (len(_active) == 1 and group in _active):
         _watch(False)
     key = group.key
     probes = group.probes
@@ -850,19 +885,21 @@ def _unfreeze(group: Group) -> None:
         if sub is not None:
             sub._forward_pre_hooks.pop(key, None)
             sub._forward_pre_hooks_with_kwargs.pop(key, None)
-    for ref in group.quiet:
-        sub = ref()
-        if sub is not None:
-            sub._forward_pre_hooks.pop(key, None)
-            sub._forward_hooks.pop(key, None)
-            sub._forward_hooks_always_called.pop(key, None)
-    guest = (*key, "thread")
-    for ref in group.roots:
-        root = ref()
-        if root is not None:
-            root._forward_pre_hooks.pop(guest, None)
-            root._forward_hooks.pop(guest, None)
-            root._forward_hooks_always_called.pop(guest, None)
+    if group.hooked:
+        for ref in group.quiet:
+            sub = ref()
+            if sub is not None:
+                sub._forward_pre_hooks.pop(key, None)
+                sub._forward_hooks.pop(key, None)
+                sub._forward_hooks_always_called.pop(key, None)
+        guest = (*key, "thread")
+        for ref in group.roots:
+            root = ref()
+            if root is not None:
+                root._forward_pre_hooks.pop(guest, None)
+                root._forward_hooks.pop(guest, None)
+                root._forward_hooks_always_called.pop(guest, None)
+        group.hooked = False
     for r in group.kept:
         p = r()
         if p is None:
@@ -1053,7 +1090,7 @@ def _release_state() -> None:
     _writes.clear()
     if _torch is not None and _rg_property is not None:
         _watch(False)
-        _copies(False, _COPY_WRAPPERS[2:])
+        _copies(False)
 
 
 _comm_free_fn: Any = None
@@ -1095,7 +1132,8 @@ def call_frozen(targets: Iterable[Any], keep: Iterable[Any], fn: Callable[..., A
             sig = operands.signature(fn, args, kwargs, targets)
             if sig is not None and keep:
                 sig = (sig, tuple(k if isinstance(k, str) else id(k) for k in keep))
-            learners = [p for g in groups for p in (g.parts or (g,))]
+            learners = groups if len(groups) == 1 and not groups[0].parts else [
+                p for g in groups for p in (g.parts or (g,))]
             plain = sig is not None and all(sig in g.plain for g in learners)  # an earlier call needed no rule
             if not plain and sig is not None and (variants := _live_variants(groups, sig)) is not None:
                 groups, plain = variants, True  # what needed a rule stays live: no mode either

@@ -528,6 +528,18 @@ def _describe(value: Any, depth: int = 0) -> Any:
 
 
 _autocast = getattr(torch, "is_autocast_enabled", None)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+_Module = torch.nn.Module
+
+
+def _autocast_state() -> Any:
+    if _any_autocast is not None and not _any_autocast():  # one call in the usual case
+        return None
+    return (_autocast("cpu"), _autocast("cuda")) if _autocast is not None else True
+
+
+def _training_or_id(target: Any) -> Any:
+    return target.training if isinstance(target, _Module) else id(target)
 
 
 def signature(fn: Any, args: tuple, kwargs: dict, targets: Any) -> Any:
@@ -538,9 +550,8 @@ def signature(fn: Any, args: tuple, kwargs: dict, targets: Any) -> Any:
             getattr(fn, "__func__", fn),
             _grad_enabled(),
             torch.is_inference_mode_enabled(),
-            _autocast("cpu") if _autocast is not None else None,
-            _autocast("cuda") if _autocast is not None else None,
-            tuple(t.training if isinstance(t, torch.nn.Module) else id(t) for t in targets),
+            _autocast_state(),
+            tuple(map(_training_or_id, targets)),
             tuple(map(_describe, args)),
             tuple((k, _describe(v)) for k, v in kwargs.items()) if kwargs else (),
         )

@@ -435,4 +435,6 @@ def test_copies_taken_during_a_call_come_out_as_the_model_was_before_it(how):
     assert not any(m._forward_pre_hooks or m._forward_pre_hooks_with_kwargs or m._forward_hooks
                    or m._forward_hooks_always_called for m in copied.modules())
     assert all(torch.equal(a, b) for a, b in zip(copied.parameters(), model.parameters()))
-    assert nn.Parameter.__dict__["__deepcopy__"].__module__ == "torch.nn.parameter", "torch's own again after the call"
+    assert flags(copy.deepcopy(model)) == before, "after the call the wrappers left in place are pass-throughs"
+    sbpatch.release_all()
+    assert nn.Parameter.__dict__["__deepcopy__"].__module__ == "torch.nn.parameter", "release_all puts torch's back"

@@ -475,6 +475,13 @@ def _edits() -> dict[str, Callable[[nn.Sequential, dict], None]]:
     }
 
 
+class _SameHash(nn.Linear):
+    """A layer class with its own ``__hash__`` (every instance equal for it)."""
+
+    def __hash__(self) -> int:
+        return 0
+
+
 @pytest.mark.parametrize("edit", list(_edits()))
 def test_group_cache_follows_every_model_edit(edit: str):
     """Edits made after a first frozen call, with layers and parameters created before it (so no registration hook
@@ -499,3 +506,20 @@ def test_group_cache_follows_every_model_edit(edit: str):
     assert live == [], f"{edit}: {live} not frozen"
     assert [n for n, p in model.named_parameters() if p.grad is not None] == []
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_group_cache_sees_a_replaced_layer_whose_class_hashes_its_own_way():
+    """The tree check keeps the hash of the children only when each hashes by identity: children whose class makes
+    every instance hash alike are compared by id, so replacing one with another is still seen."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_SameHash(4, 4), nn.ReLU(), _SameHash(4, 2))
+    replacement = _SameHash(4, 4)  # built before the first call: no registration hook fires at the edit
+    x = torch.randn(3, 4)
+    with sbpatch.frozen(model):
+        model(x.clone().requires_grad_()).sum().backward()
+    model._modules["0"] = replacement
+    with sbpatch.frozen(model):
+        live = [n for n, p in model.named_parameters() if p.requires_grad]
+        model(x.clone().requires_grad_()).sum().backward()
+    assert live == []
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []
