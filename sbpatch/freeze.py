@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import inspect
 import logging
 import operator
@@ -33,7 +34,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from itertools import chain, repeat
+from itertools import repeat
 from typing import Any
 
 from sbpatch import rules
@@ -373,31 +374,36 @@ def _module_group(module: Any) -> Group:
 
 
 _MODULES = operator.attrgetter("_modules")
+_PARAMETERS = operator.attrgetter("_parameters")
+_referents = gc.get_referents
 
 
-def _children(mods: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """Which module fills each submodule slot of the modules in ``mods`` (C-level passes, no Python loop), or None
-    when one of them is gone or is not a plain ``nn.Module`` (TorchScript)."""
+def _slots(mods: tuple[Any, ...]) -> tuple[list[Any], list[int]] | None:
+    """Which module fills each ``_modules`` slot and which parameter each ``_parameters`` slot of the modules in
+    ``mods``, in slot order, or None when one of them is gone. ``gc.get_referents`` of the dicts lists their values
+    (and any non-string keys) in one C call, about half the cost of a ``dict.values`` per module."""
     modules = tuple(map(operator.call, mods))
     if None in modules:
         return None
     try:
-        return tuple(chain.from_iterable(map(dict.values, map(_MODULES, modules))))
-    except (TypeError, AttributeError, RuntimeError):  # not a dict (TorchScript), or changed by another thread
+        return _referents(*map(_MODULES, modules)), list(map(id, _referents(*map(_PARAMETERS, modules))))
+    except AttributeError:  # a module lost its slots (a half-built or torn-down object)
         return None
 
 
 def _tree_key(mods: tuple[Any, ...], by_hash: bool) -> Any:
-    """A value that changes whenever a slot of the tree gets another module: the hash of the children tuple when
-    every child hashes by identity (``object.__hash__``, C-level, about half the cost of listing their ids), else the
-    list of their ids."""
-    children = _children(mods)
-    if children is None:
+    """A value that changes whenever a slot of the tree gets another module or parameter: for the children, the
+    hash of their tuple when every child hashes by identity (``object.__hash__``, C-level, about half the cost of
+    listing their ids), else the list of their ids; for the parameters, the list of their ids (a tensor's
+    ``__hash__`` is a Python function)."""
+    slots = _slots(mods)
+    if slots is None:
         return None
+    children, params = slots
     if not by_hash:
-        return list(map(id, children))
+        return list(map(id, children)), params
     try:
-        return hash(children)
+        return hash(tuple(children)), params
     except TypeError:  # a slot now holds an unhashable object (torch itself cannot list such a tree): changed
         return None
 
@@ -407,19 +413,21 @@ def _identity_hashed(module: Any) -> bool:
 
 
 def _fingerprint(group: Group, module: Any) -> None:
-    """Remember the module tree: for every module that has submodules (weakly), which module fills each slot.
-    Torch's registration hooks bump the generation on ``register_parameter``/``add_module``/attribute writes; this
-    catches the writes that bypass them: ``Sequential.insert``, ``ModuleList.insert``, ``_modules[k] = m`` (a new
-    layer, or one wrapping the old), ``del``. Kept to one pass over the containers (a few microseconds on a
-    ResNet50, docs/architecture.md), it does not look at leaf layers: a ``_parameters[k] = p`` or ``_modules[k] = m``
-    written straight into a layer that had no submodules is not seen (``setattr`` and ``register_parameter`` are)."""
+    """Remember the module tree: for every module (weakly), which module fills each ``_modules`` slot and which
+    parameter each ``_parameters`` slot. Torch's registration hooks bump the generation on
+    ``register_parameter``/``add_module``/attribute writes; this catches the writes that bypass them:
+    ``Sequential.insert``, ``ModuleList.insert``, ``_modules[k] = m`` (a new layer, or one wrapping the old),
+    ``_parameters[k] = p``, ``del``, on containers and leaf layers alike. One pass over the tree in C (a few
+    microseconds on a ResNet50, docs/architecture.md)."""
     try:
-        group.mods = tuple(weakref.ref(m) for m in module.modules() if m._modules or m is module)
+        modules = tuple(module.modules())
+        plain = all(type(m._modules) is dict and type(m._parameters) is dict for m in modules)
+        group.mods = tuple(map(weakref.ref, modules)) if plain else ()
     except (TypeError, AttributeError):  # not weakly referenceable, or not a plain module: generation only
         group.mods = ()
-    children = _children(group.mods) if group.mods else None
-    group.by_hash = children is not None and all(map(_identity_hashed, children))
-    group.mids = None if children is None else _tree_key(group.mods, group.by_hash)
+    slots = _slots(group.mods) if group.mods else None  # TorchScript: generation only
+    group.by_hash = slots is not None and all(map(_identity_hashed, slots[0]))
+    group.mids = None if slots is None else _tree_key(group.mods, group.by_hash)
 
 
 def _unchanged(group: Group) -> bool:

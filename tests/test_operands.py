@@ -472,6 +472,9 @@ def _edits() -> dict[str, Callable[[nn.Sequential, dict], None]]:
         "load_state_dict(assign=True)": lambda m, new: m.load_state_dict(new["state"], assign=True),
         "del, then _modules[k] = m": delete,
         "setattr": lambda m, new: setattr(m[0], "weight", new["w"]),
+        "_parameters[k] = p": lambda m, new: m[0]._parameters.__setitem__("weight", new["w"]),
+        "_parameters[new key] = p, in a layer with none": lambda m, new: m[1]._parameters.__setitem__("b", new["b"]),
+        "_modules[k] = m, in a leaf layer": lambda m, new: m[0]._modules.__setitem__("inner", new["lin"]),
     }
 
 
@@ -485,8 +488,8 @@ class _SameHash(nn.Linear):
 @pytest.mark.parametrize("edit", list(_edits()))
 def test_group_cache_follows_every_model_edit(edit: str):
     """Edits made after a first frozen call, with layers and parameters created before it (so no registration hook
-    fires at the edit): the next call freezes the new parameters and writes no ``.grad``. (A direct ``_parameters``
-    write, or a ``_modules`` write into a layer that had no submodules, is not seen: docs/architecture.md.)"""
+    fires at the edit), in containers and leaf layers: the next call freezes the new parameters and writes no
+    ``.grad``."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     new = {
