@@ -417,8 +417,9 @@ def _fingerprint(group: Group, module: Any) -> None:
     parameter each ``_parameters`` slot. Torch's registration hooks bump the generation on
     ``register_parameter``/``add_module``/attribute writes; this catches the writes that bypass them:
     ``Sequential.insert``, ``ModuleList.insert``, ``_modules[k] = m`` (a new layer, or one wrapping the old),
-    ``_parameters[k] = p``, ``del``, on containers and leaf layers alike. One pass over the tree in C (a few
-    microseconds on a ResNet50, docs/architecture.md)."""
+    ``_parameters[k] = p``, ``del``, on containers and leaf layers alike. One pass over the tree in C (about 38 us
+    on a ResNet50, docs/architecture.md). A slot renamed with the same object in it is not seen: nothing frozen
+    changes."""
     try:
         modules = tuple(module.modules())
         plain = all(type(m._modules) is dict and type(m._parameters) is dict for m in modules)
