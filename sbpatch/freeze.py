@@ -392,13 +392,15 @@ def _slots(mods: tuple[Any, ...]) -> tuple[list[Any], list[int]] | None:
 
 
 def _tree_key(mods: tuple[Any, ...], by_hash: bool) -> Any:
-    """A value that changes whenever a slot of the tree gets another module or parameter: for the children, the
-    hash of their tuple when every child hashes by identity (``object.__hash__``, C-level, about half the cost of
-    listing their ids), else the list of their ids; for the parameters, the list of their ids (a tensor's
-    ``__hash__`` is a Python function)."""
+    """A value that changes whenever a slot of the tree gets another module or parameter (see :func:`_slots_key`)."""
     slots = _slots(mods)
-    if slots is None:
-        return None
+    return None if slots is None else _slots_key(slots, by_hash)
+
+
+def _slots_key(slots: tuple[list[Any], list[int]], by_hash: bool) -> Any:
+    """For the children, the hash of their tuple when every child hashes by identity (``object.__hash__``, C-level,
+    about half the cost of listing their ids), else the list of their ids; for the parameters, the list of their ids
+    (a tensor's ``__hash__`` is a Python function)."""
     children, params = slots
     if not by_hash:
         return list(map(id, children)), params
@@ -428,7 +430,7 @@ def _fingerprint(group: Group, module: Any) -> None:
         group.mods = ()
     slots = _slots(group.mods) if group.mods else None  # TorchScript: generation only
     group.by_hash = slots is not None and all(map(_identity_hashed, slots[0]))
-    group.mids = None if slots is None else _tree_key(group.mods, group.by_hash)
+    group.mids = None if slots is None else _slots_key(slots, group.by_hash)
 
 
 def _unchanged(group: Group) -> bool:
