@@ -33,7 +33,7 @@ import sys
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import repeat
 from typing import Any
 
@@ -818,19 +818,8 @@ def _freeze(group: Group) -> None:
             elif p.requires_grad:
                 ledger[key] = [p, {group}]
                 p.requires_grad = False
-    for r in group.kept:
-        p = r()
-        if p is None:
-            continue
-        key = id(p)
-        entry = _guards.get(key)
-        if entry is not None:
-            if not entry[1]:
-                p.grad = None
-            entry[1].add(group)
-        elif p.requires_grad:
-            _guards[key] = [p, {group}, p.grad]
-            p.grad = None
+    if group.kept:
+        _guard(map(_deref, group.kept), group)
     key = group.key
     probes = group.probes
     if group.cuda_probes and _on_cuda(group.cuda_probes[0][0]()):
@@ -845,6 +834,54 @@ def _freeze(group: Group) -> None:
             sub._forward_pre_hooks_with_kwargs[key] = True
     _watch(True)
     _copies_on()
+
+
+def _guard(params: Iterable[Any], owner: Any) -> None:
+    """Set aside the ``.grad`` of the live ``params`` for ``owner`` (under ``_lock``): the first owner of a parameter
+    saves its ``.grad`` and clears it, later ones only join (see :func:`_unguard`). ``None`` entries are skipped."""
+    for p in params:
+        if p is None:
+            continue
+        key = id(p)
+        entry = _guards.get(key)
+        if entry is not None:
+            if not entry[1]:  # an interrupted restoration left it: clear again
+                p.grad = None
+            entry[1].add(owner)
+        elif p.requires_grad:
+            _guards[key] = [p, {owner}, p.grad]
+            p.grad = None
+
+
+def _unguard(params: Iterable[Any], owner: Any) -> None:
+    """``owner`` leaves the set-asides of ``params`` (under ``_lock``); the last one out puts the saved ``.grad``
+    back, whatever order overlapping owners (threads) leave in."""
+    for p in params:
+        if p is None:
+            continue
+        entry = _guards.get(id(p))
+        if entry is not None and (owner in entry[1] or not entry[1]):
+            entry[1].discard(owner)
+            if not entry[1]:
+                p.grad = entry[2]
+                del _guards[id(p)]
+
+
+@contextlib.contextmanager
+def grads_set_aside(params: Iterable[Any]) -> Iterator[None]:
+    """The ``.grad`` of the live ``params`` set aside for the block and put back after it, for an adapter whose
+    library needs some parameters live (their weight gradients accumulate): shares the kernel rules' own set-asides,
+    so nested and overlapping blocks, in any thread, put back what was there before the first of them."""
+    seen: set[int] = set()
+    params = [p for p in params if id(p) not in seen and not seen.add(id(p))]
+    owner = Holder()
+    with _lock:
+        _guard(params, owner)
+    try:
+        yield
+    finally:
+        with _lock:
+            _unguard(params, owner)
 
 
 def _on_cuda(module: Any) -> bool:
@@ -911,16 +948,8 @@ def _unfreeze(group: Group) -> None:
                 root._forward_hooks.pop(guest, None)
                 root._forward_hooks_always_called.pop(guest, None)
         group.hooked = False
-    for r in group.kept:
-        p = r()
-        if p is None:
-            continue
-        entry = _guards.get(id(p))
-        if entry is not None and (group in entry[1] or not entry[1]):
-            entry[1].discard(group)
-            if not entry[1]:
-                p.grad = entry[2]
-                del _guards[id(p)]
+    if group.kept:
+        _unguard(map(_deref, group.kept), group)
     if group is _exclusive:
         owned = group.owned
         if _writes:

@@ -125,6 +125,55 @@ def test_old_style_backward_hooks_keep_their_modules_live():
     assert model.patch_embed.proj.weight.grad is None
 
 
+def test_old_style_hooks_grads_put_back_by_overlapping_threads():
+    """Two threads attack the same model with TGR and leave in the order they did not enter (A enters, B enters, A
+    leaves, B leaves): the kept-live parameters' .grad is what it was before either call, and the user's tensor is
+    not written into."""
+    import threading
+
+    model = tiny_timm_vit()
+    x, y = data(n=2, size=224)
+    attack = torchattack.TGR(model, hook_cfg="vit_base_patch16_224", steps=1)
+    qkv = model.blocks[0].attn.qkv.weight
+    before = torch.ones_like(qkv)
+    qkv.grad = before
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    first: set[str] = set()
+
+    def gate(module, inputs):
+        name = threading.current_thread().name
+        if name in first:
+            return
+        first.add(name)
+        if name == "A":
+            a_in.set()
+            assert b_in.wait(60)
+        elif name == "B":
+            b_in.set()
+            assert a_done.wait(60)
+
+    model.register_forward_pre_hook(gate)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            attack(x, y)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    a, b = threading.Thread(target=run, name="A"), threading.Thread(target=run, name="B")
+    a.start()
+    assert a_in.wait(60)
+    b.start()
+    a.join(120)
+    a_done.set()
+    b.join(120)
+    assert not errors, errors
+    assert qkv.grad is before and torch.equal(before, torch.ones_like(qkv))
+    assert freeze.held_count() == 0
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "head.bias")
+
+
 @pytest.mark.parametrize("attack", ["NAA", "BFA"])
 def test_feature_maps_stay_differentiable(attack: str):
     """NAA/BFA differentiate w.r.t. the feature maps of an input that needs no gradient: frozen, the feature layer's

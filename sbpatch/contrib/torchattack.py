@@ -37,6 +37,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from sbpatch import freeze
 from sbpatch.locate import attribute
 from sbpatch.patching import Integration, Target
 
@@ -110,21 +111,11 @@ def _live_feature_maps(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -
         handle.remove()
 
 
-@contextlib.contextmanager
-def _grads_set_aside(modules: Iterable[Any]) -> Iterator[None]:
-    """The kept-live parameters' ``.grad`` set aside for the call and put back after, as sbpatch's own kernel rules
-    do: the attack's weight gradients (which no torchattack attack reads) never reach the user's ``.grad``."""
-    saved: dict[int, tuple[Any, Any]] = {}
-    for m in modules:
-        for p in m.parameters():
-            if id(p) not in saved:
-                saved[id(p)] = (p, p.grad)
-                p.grad = None
-    try:
-        yield
-    finally:
-        for p, grad in saved.values():
-            p.grad = grad
+def _grads_set_aside(modules: Iterable[Any]) -> contextlib.AbstractContextManager[None]:
+    """The kept-live parameters' ``.grad`` set aside for the call and put back after, through sbpatch's own
+    set-aside (the one its kernel rules use): the attack's weight gradients (which no torchattack attack reads) never
+    reach the user's ``.grad``, and overlapping calls from several threads put back what was there before the first."""
+    return freeze.grads_set_aside(p for m in modules for p in m.parameters())
 
 
 @contextlib.contextmanager
