@@ -872,12 +872,11 @@ def grads_set_aside(params: Iterable[Any]) -> Iterator[None]:
     """The ``.grad`` of the live ``params`` set aside for the block and put back after it, for an adapter whose
     library needs some parameters live (their weight gradients accumulate): shares the kernel rules' own set-asides,
     so nested and overlapping blocks, in any thread, put back what was there before the first of them."""
-    seen: set[int] = set()
-    params = [p for p in params if id(p) not in seen and not seen.add(id(p))]
-    owner = Holder()
-    with _lock:
-        _guard(params, owner)
-    try:
+    params = list(params)  # a parameter listed twice only joins its own entry again
+    owner = object()
+    try:  # an interruption inside _guard leaves only what _unguard undoes
+        with _lock:
+            _guard(params, owner)
         yield
     finally:
         with _lock:
